@@ -1,0 +1,20 @@
+# mextract: model-extraction attacks and defences, from one command.
+# Full reproduction: snakemake --cores 8 --resources gpu=1
+# Offline demo:      snakemake --cores 2 --configfile config/demo.yaml
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/victim.smk"
+include: "rules/queries.smk"
+include: "rules/attacks.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.make_table.output,

@@ -1,0 +1,23 @@
+rule collect_queries:
+    input:
+        data=rules.prepare_data.output.data,
+        split=rules.split_data.output.split,
+        victim=lambda wc: f"{RESULTS}/victims/{config['apis'][wc.api]['victim']}/model.pt",
+    output:
+        cache=f"{RESULTS}/queries/{{api}}/{{qset}}.pt",
+    log:
+        f"{RESULTS}/logs/collect_queries/{{api}}-{{qset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/collect_queries/{{api}}-{{qset}}.tsv"
+    conda:
+        ENV
+    threads: config["compute"]["threads"]
+    resources:
+        gpu=1,
+    params:
+        api=api_settings,
+        victim=lambda wc: config["victims"][config["apis"][wc.api]["victim"]],
+        compute=config["compute"],
+        code=queries_code,
+    script:
+        "../workflow/scripts/collect_queries.py"

@@ -1,0 +1,107 @@
+"""The black-box victim API: the only way attack code touches the victim.
+
+The API receives images as a client would send them, 8-bit RGB (float inputs in
+[0, 1] are rounded to 8 bits first), runs the victim on large batches under
+``torch.inference_mode`` and answers
+
+* ``soft``: probability vectors (float32, rows sum to 1);
+* ``hard``: the arg-max class;
+* ``honey``: shorthand for ``hard`` with the :class:`~mextract.defences.HoneyLabels`
+  layer (where top-1 minus top-2 logit < margin, answer the top-2 class).
+
+Defences are layers applied to hard answers in the order given. The API counts every
+image it answers and refuses a call that would exceed its budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from mextract.compute import Compute
+
+MODES = ("soft", "hard", "honey")
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """A query would take the API past its configured budget."""
+
+
+class Defence(Protocol):
+    """An API layer that may change the served hard labels."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor: ...
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Images as the API receives them: uint8 (float [0, 1] inputs are rounded)."""
+    if x.dtype == torch.uint8:
+        return x
+    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class VictimAPI:
+    def __init__(self, model: nn.Module, mode: str = "soft", budget: int | None = None,
+                 defences: Sequence[Defence] = (), compute: Compute | None = None,
+                 batch_size: int = 1024) -> None:
+        if mode not in MODES:
+            raise ValueError(f"api mode must be one of {MODES}, got {mode!r}")
+        if budget is not None and budget < 0:
+            raise ValueError(f"api budget must be >= 0, got {budget}")
+        self.compute = compute or Compute()
+        self.model = self.compute.prepare(model).eval()
+        self.defences: list[Defence] = list(defences)
+        if mode == "honey":
+            from mextract.defences import HoneyLabels
+
+            mode = "hard"
+            self.defences.insert(0, HoneyLabels())
+        if mode == "soft" and self.defences:
+            raise ValueError("defence layers act on hard labels; use mode 'hard'")
+        self.mode = mode
+        self.budget = budget
+        self.batch_size = batch_size
+        self._count = 0
+
+    @property
+    def queries(self) -> int:
+        """Images answered so far (the API's own counter)."""
+        return self._count
+
+    @property
+    def description(self) -> str:
+        return "+".join([self.mode, *[d.name for d in self.defences]])
+
+    def logits(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """Victim logits for uint8 images (internal: never counted, never exposed)."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(images_u8), self.batch_size):
+                xb = self.compute.images(images_u8[start:start + self.batch_size])
+                with self.compute.autocast():
+                    out.append(self.model(xb).float())
+        return torch.cat(out).cpu() if out else torch.empty(0)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """Answer a batch of images (N, 3, H, W); counts N queries."""
+        n = len(images)
+        if self.budget is not None and self._count + n > self.budget:
+            raise QueryBudgetExceeded(
+                f"query of {n} images would exceed the API budget of {self.budget} "
+                f"({self._count} already answered)"
+            )
+        x = quantize(images.cpu())
+        logits = self.logits(x)
+        self._count += n
+        if self.mode == "soft":
+            return torch.softmax(logits, dim=1)
+        labels = logits.argmax(dim=1)
+        for layer in self.defences:
+            labels = layer(x, logits, labels)
+        return labels

@@ -1,0 +1,22 @@
+"""Answer a query set once through the victim API and cache the answers."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
+
+from mextract.data import load_dataset
+from mextract.experiment import load_victim, make_api
+from mextract.io import load_artifact, save_artifact
+from mextract.queries import collect
+from mextract.runtime import eprint, logged, setup
+
+with logged(snakemake.log[0]):
+    compute = setup(snakemake.params.compute, snakemake.threads)
+    data = load_dataset(snakemake.input.data)
+    pool = data["x_train"][load_artifact(snakemake.input.split)["pool"]]
+    victim = load_victim(snakemake.input.victim, snakemake.params.victim, len(data["classes"]))
+    api = make_api(victim, snakemake.params.api, compute)
+    cache = collect(api, pool, snakemake.wildcards.qset)
+    eprint(f"{snakemake.wildcards.qset}: {cache['count']} queries answered by {cache['api']}")
+    save_artifact(cache, snakemake.output.cache)

@@ -1,0 +1,45 @@
+"""Stage 0: train the victim; write weights, test predictions, metrics, history."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
+
+import time
+
+import pandas as pd
+
+from mextract.data import load_dataset
+from mextract.io import load_artifact, save_artifact, write_json
+from mextract.metrics import predict, scores
+from mextract.runtime import logged, setup
+from mextract.train import TrainConfig
+from mextract.victim import train_victim
+
+with logged(snakemake.log[0]):
+    t0 = time.perf_counter()
+    v = snakemake.params.victim
+    compute = setup(snakemake.params.compute, snakemake.threads, snakemake.params.seed)
+    data = load_dataset(snakemake.input.data)
+    idx = load_artifact(snakemake.input.split)["victim"]
+    cfg = TrainConfig.from_dict(v["train"])
+    model, history = train_victim(
+        data["x_train"][idx], data["y_train"][idx], data["x_test"], data["y_test"],
+        arch=v["arch"], width=v["width"], num_classes=len(data["classes"]), cfg=cfg,
+        compute=compute, seed=snakemake.params.seed, trivial_augment=v["trivial_augment"],
+        checkpoint=snakemake.params.checkpoint,
+    )
+    pred = predict(model, data["x_test"], compute)
+    save_artifact(model.cpu().state_dict(), snakemake.output.model)
+    save_artifact({"pred": pred}, snakemake.output.test_pred)
+    pd.DataFrame(history).to_csv(snakemake.output.history, index=False)
+    write_json({
+        "victim": snakemake.wildcards.victim, **v,
+        "train_images": len(idx),
+        "test_accuracy": scores(pred, data["y_test"], None)["test_accuracy"],
+        "train_time_s": history[-1]["train_time_s"],
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+        "compute": compute.as_dict(),
+    }, snakemake.output.metrics)
+    for f in (snakemake.params.checkpoint, snakemake.params.checkpoint + ".sha256"):
+        Path(f).unlink(missing_ok=True)

@@ -49,3 +49,55 @@ def trivial_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     checkpoints.
     """
     return torch.stack([_TRIVIAL(img) for img in x])
+
+
+def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float = 0.5,
+                   scale: tuple[float, float] = (0.02, 0.33),
+                   ratio: tuple[float, float] = (0.3, 3.3), value: float = 0.0) -> torch.Tensor:
+    """torchvision's RandomErasing for a whole batch: each image, with probability
+    ``p``, gets one rectangle of area fraction in ``scale`` and aspect ratio in
+    ``ratio`` (log-uniform) set to ``value``. Boxes are clipped to the image (torchvision
+    retries instead; the area distribution differs slightly at the largest scales)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * _rand(n, gen, dev))
+    log_r = torch.log(torch.tensor(ratio, device=dev))
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * _rand(n, gen, dev))
+    eh = torch.sqrt(area * aspect).round().clamp(1, h)
+    ew = torch.sqrt(area / aspect).round().clamp(1, w)
+    top = ((h - eh + 1) * _rand(n, gen, dev)).floor()
+    left = ((w - ew + 1) * _rand(n, gen, dev)).floor()
+    apply = _rand(n, gen, dev) < p
+    rows = torch.arange(h, device=dev)[None, :]
+    cols = torch.arange(w, device=dev)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]) & apply[:, None, None]
+    return torch.where(mask[:, None], torch.as_tensor(value, dtype=x.dtype, device=dev), x)
+
+
+def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 15.0,
+                  translate_px: int = 4, flip: bool = True) -> torch.Tensor:
+    """Flip + RandomCrop(padding=translate_px) + RandomRotation(degrees) as one batched
+    affine resampling (``grid_sample``, bilinear, zero fill): an independent
+    rotation, integer shift and flip per image. Float images in, float images out."""
+    n, _, h, w = x.shape
+    dev = x.device
+    theta_deg = (2 * _rand(n, gen, dev) - 1) * degrees
+    theta = theta_deg * torch.pi / 180
+    dx = torch.randint(-translate_px, translate_px + 1, (n,), generator=gen, device=dev)
+    dy = torch.randint(-translate_px, translate_px + 1, (n,), generator=gen, device=dev)
+    sign = torch.ones(n, device=dev)
+    if flip:
+        sign = torch.where(_rand(n, gen, dev) < 0.5, -sign, sign)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    mat = torch.zeros(n, 2, 3, device=dev)
+    mat[:, 0, 0] = cos * sign
+    mat[:, 0, 1] = -sin
+    mat[:, 1, 0] = sin * sign
+    mat[:, 1, 1] = cos
+    mat[:, 0, 2] = -2 * dx.float() / w  # shift in normalised coordinates
+    mat[:, 1, 2] = -2 * dy.float() / h
+    grid = torch.nn.functional.affine_grid(mat, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear",
+                                           padding_mode="zeros", align_corners=False)

@@ -1,30 +1,41 @@
 """Atomic, checksummed artifact files.
 
 Every tensor artifact (data cache, split, weights, query cache, checkpoint) is written
-to a temporary file in the same folder and renamed into place, so a killed job never
-leaves a half-written file. A ``<file>.sha256`` sidecar records the checksum; loading
-verifies it and raises :class:`CorruptArtifactError` naming the file when it does not
-match or the file cannot be parsed. Tensors are always loaded with
-``torch.load(..., weights_only=True)``.
+to a temporary file in the same folder, flushed to disk and renamed into place, so a
+killed job never leaves a half-written file under the artifact's name (a killed
+write leaves at most a hidden ``.<name>.*.tmp`` file, removed by the next write of
+that artifact). A ``<file>.sha256`` sidecar (``sha256sum`` format) records the
+checksum; loading verifies it and raises :class:`CorruptArtifactError` naming the
+file when the sidecar is missing or does not match, or when the file cannot be
+parsed: a truncated, garbage or tampered file is never silently used. Tensors are
+always loaded with ``torch.load(..., weights_only=True)``, which refuses pickled code.
+
+JSON and text outputs (metrics, tables) are written atomically too
+(:func:`write_json`, :func:`write_text`); :func:`read_json` names the file it cannot
+parse.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
 class CorruptArtifactError(RuntimeError):
-    """An artifact on disk is truncated, garbage or does not match its checksum."""
+    """An artifact on disk is truncated, garbage, has no checksum or does not match it."""
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -32,13 +43,27 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _checksum_path(path: Path) -> Path:
+def checksum_path(path: str | Path) -> Path:
+    """The sidecar that records ``path``'s sha256: ``<path>.sha256``."""
+    path = Path(path)
     return path.with_name(path.name + ".sha256")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every file system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write via a temporary file in the same folder, fsync, rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = f".{path.name}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -48,35 +73,73 @@ def _atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    # Temporary files of earlier writes of this artifact that were killed (SIGKILL
+    # skips the cleanup above). Only one job writes a given artifact at a time.
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        if "." not in stale.name[len(prefix):-len(".tmp")]:  # not '.<name>.sha256.*'
+            stale.unlink(missing_ok=True)
 
 
 def save_artifact(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically and record the checksum beside the file."""
+    """``torch.save`` atomically and record the checksum beside the file.
+
+    The file is renamed into place before its sidecar is: a kill between the two
+    leaves a file whose checksum does not match, which :func:`load_artifact` reports
+    (a checkpoint is then ignored; a workflow output belongs to an incomplete job,
+    which Snakemake reruns).
+    """
     path = Path(path)
     _atomic_write(path, lambda f: torch.save(obj, f))
     digest = sha256_file(path)
-    _atomic_write(_checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    _atomic_write(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
 
 
-def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a file written by :func:`save_artifact`, verifying its checksum."""
+def verify_artifact(path: str | Path) -> str:
+    """Check ``path`` against its sidecar; return the digest or raise
+    :class:`CorruptArtifactError` (missing sidecar, mismatch) naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact not found: '{path}'")
-    sidecar = _checksum_path(path)
-    if sidecar.exists():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
-        actual = sha256_file(path)
-        if expected != actual:
-            raise CorruptArtifactError(
-                f"'{path}' does not match its recorded checksum ({sidecar.name}): the file "
-                "is truncated or was changed after it was written. Delete it and rerun "
-                "the rule that makes it."
-            )
+    sidecar = checksum_path(path)
+    if not sidecar.exists():
+        raise CorruptArtifactError(
+            f"'{path}' has no checksum file '{sidecar.name}' beside it, so it cannot be "
+            "verified: it was not written by mextract.io.save_artifact, or its writer was "
+            "killed. Delete it and rerun the rule that makes it (or copy the .sha256 file "
+            "along with it).")
+    fields = sidecar.read_text(errors="replace").split()
+    expected = fields[0].lower() if fields else ""
+    actual = sha256_file(path)
+    if expected != actual:
+        raise CorruptArtifactError(
+            f"'{path}' does not match its recorded checksum ({sidecar.name}): the file "
+            "is truncated or was changed after it was written. Delete it and rerun the "
+            "rule that makes it.")
+    return actual
+
+
+def load_artifact(path: str | Path, map_location: str | torch.device = "cpu",
+                  verify: bool = True) -> Any:
+    """Load a file written by :func:`save_artifact`, verifying its checksum first.
+
+    Always ``torch.load(..., weights_only=True)``: tensors, containers and plain
+    values only, never pickled code. ``verify=False`` skips the checksum (for files
+    from elsewhere); a file that cannot be parsed still raises
+    :class:`CorruptArtifactError` naming it.
+    """
+    path = Path(path)
+    if verify:
+        verify_artifact(path)
+    elif not path.exists():
+        raise FileNotFoundError(f"artifact not found: '{path}'")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
-        raise CorruptArtifactError(f"'{path}' cannot be read as a torch file: {err}") from err
+        raise CorruptArtifactError(
+            f"'{path}' cannot be read as a torch file of tensors (weights_only=True): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -85,6 +148,17 @@ def write_json(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
+def write_text(text: str, path: str | Path) -> None:
+    """Write a text file (a CSV or Markdown table) atomically."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def read_json(path: str | Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """Read a JSON file; raise :class:`CorruptArtifactError` naming it when it is not
+    valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptArtifactError(f"'{path}' is not valid JSON ({err}): delete it and "
+                                   "rerun the rule that makes it") from err

@@ -1,29 +1,65 @@
-"""Process set-up for workflow jobs: logging to a file, threads, determinism."""
+"""Process set-up for workflow jobs: logging to a file, threads, determinism.
+
+Determinism (docs/determinism.md): on the CPU, a job's numbers depend only on its
+config, its seed and its thread count (``compute.threads``), so two runs with the same
+config give bit-identical weights and metrics. Wall-clock fields (:data:`TIMING_KEYS`)
+necessarily differ; :func:`without_timings` drops them before comparing. On CUDA,
+``compute.deterministic: true`` additionally selects deterministic kernels.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
+import json
 import os
+import platform
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mextract.compute import Compute
+from mextract.io import write_text
+
+#: metrics/history/table fields that measure wall-clock time: the only fields that
+#: differ between two runs of the same config on the same machine and thread count.
+TIMING_KEYS: frozenset[str] = frozenset({"wall_time_s", "train_time_s"})
+
+#: cuBLAS needs a fixed workspace to be deterministic (set before CUDA starts).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def job_header() -> str:
+    """One line naming where a job runs: host, pid, SLURM job id, visible GPUs."""
+    fields = {
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "start": datetime.datetime.now().isoformat(timespec="seconds"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "torch": torch.__version__,
+    }
+    return "# mextract job: " + " ".join(f"{k}={v}" for k, v in fields.items()
+                                         if v is not None)
 
 
 @contextlib.contextmanager
 def logged(log: str | Path | None) -> Iterator[None]:
-    """Send stdout and stderr (tqdm bars, warnings, tracebacks) to ``log``."""
+    """Send stdout and stderr (tqdm bars, warnings, tracebacks) to ``log``, after a
+    :func:`job_header` line (so a cluster job's log names its SLURM job id)."""
     if not log:
         yield
         return
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", buffering=1) as f, contextlib.redirect_stderr(f), \
             contextlib.redirect_stdout(f):
+        print(job_header(), flush=True)
         try:
             yield
         except BaseException:
@@ -33,19 +69,82 @@ def logged(log: str | Path | None) -> Iterator[None]:
             raise
 
 
+def set_deterministic(enabled: bool) -> None:
+    """Select deterministic kernels (CUDA convolutions, cuBLAS, scatter/index ops).
+
+    On the CPU every kernel this library uses is already deterministic for a fixed
+    thread count. On CUDA this sets ``torch.use_deterministic_algorithms`` (with
+    ``warn_only``: ops without a deterministic kernel warn instead of failing),
+    disables the cuDNN autotuner and fixes the cuBLAS workspace; it costs speed. See
+    the PyTorch reproducibility notes,
+    https://pytorch.org/docs/stable/notes/randomness.html.
+    """
+    if not enabled:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def setup(compute_cfg: dict, threads: int, seed: int = 0) -> Compute:
     """Seed every RNG, set the thread count, and return the compute settings.
 
     Determinism on the CPU needs a fixed thread count (reductions split work by
-    thread); on CUDA some kernels stay non-deterministic (see docs/determinism.md).
+    thread); on CUDA some kernels stay non-deterministic unless
+    ``compute_cfg["deterministic"]`` is true (see docs/determinism.md).
     """
     torch.set_num_threads(max(1, int(threads)))
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    set_deterministic(bool(compute_cfg.get("deterministic", False)))
+    seed_everything(seed)
     return Compute(device=compute_cfg.get("device", "auto"), amp=compute_cfg.get("amp", "auto"),
-                   channels_last=compute_cfg.get("channels_last", True))
+                   channels_last=compute_cfg.get("channels_last", True),
+                   compile=compute_cfg.get("compile", False),
+                   prefetch=compute_cfg.get("prefetch", "auto"))
+
+
+def discard_stale_checkpoints(key_file: str | Path, settings: Any,
+                              pattern: str = "checkpoint*.pt*") -> list[Path]:
+    """Delete checkpoints that an earlier, unfinished run wrote for other settings.
+
+    A training resumes from a checkpoint whose data size and training config match
+    (mextract.train), but a killed job rerun after a change of, say, the KD
+    temperature, the augmentation or the library code must start over. ``settings``
+    (JSON-able: a rule's params, which include its code fingerprint) is hashed into
+    ``key_file``; when the stored hash differs or is missing, the files matching
+    ``pattern`` beside ``key_file`` are deleted. Returns the deleted paths.
+    """
+    key_file = Path(key_file)
+    digest = hashlib.sha256(
+        json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    old = key_file.read_text().strip() if key_file.exists() else None
+    deleted: list[Path] = []
+    if old != digest:
+        for path in sorted(key_file.parent.glob(pattern)):
+            if path.is_file() and path != key_file:
+                path.unlink()
+                deleted.append(path)
+        write_text(digest + "\n", key_file)
+    return deleted
+
+
+def without_timings(record: Any) -> Any:
+    """``record`` (a metrics dict, a list of history rows, nested) without the
+    wall-clock fields of :data:`TIMING_KEYS`: what two equal runs must agree on."""
+    if isinstance(record, Mapping):
+        return {k: without_timings(v) for k, v in record.items() if k not in TIMING_KEYS}
+    if isinstance(record, list):
+        return [without_timings(v) for v in record]
+    return record
 
 
 def eprint(*args: object) -> None:

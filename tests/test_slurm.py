@@ -1,0 +1,61 @@
+"""The demo workflow on a real (single-node, localhost) SLURM cluster with
+profiles/slurm: every job goes through sbatch and the table equals the local run's.
+
+Opt-in, because it installs Debian's SLURM packages and starts daemons: set
+MEXTRACT_SLURM_E2E=1 (``.ci/run`` does) and run as root on a machine with apt-get.
+The work is done by tests/slurm_e2e.sh, which can also be run by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, copy_project
+
+SCRIPT = ROOT / "tests" / "slurm_e2e.sh"
+SKIPPED = 77  # the script's "cannot run here"
+
+
+def skip_reason() -> str | None:
+    if os.environ.get("MEXTRACT_SLURM_E2E") != "1":
+        return ("opt-in: set MEXTRACT_SLURM_E2E=1 to run it (needs root and apt-get; it "
+                "installs SLURM and starts slurmctld/slurmd/munged; .ci/run sets it)")
+    if os.geteuid() != 0:
+        return "needs root (it installs SLURM and starts its daemons)"
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        return "needs apt-get to install SLURM (or SLURM installed)"
+    if not shutil.which("timeout"):
+        return "needs coreutils' timeout"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow,
+              pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
+
+
+def test_demo_on_slurm_matches_local_run(demo_run: Path, tmp_path: Path) -> None:
+    work = copy_project(tmp_path)
+    env = {**os.environ, "PYTHON": sys.executable, "SLURM_E2E_WORKDIR": str(work),
+           "REFERENCE_TABLE": str(demo_run / "results" / "table.csv"),
+           "SLURM_E2E_TIMEOUT": "1200"}
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    out = proc.stdout + proc.stderr
+    if proc.returncode == SKIPPED:
+        pytest.skip(out.strip().splitlines()[-1])
+    assert proc.returncode == 0, out[-8000:]
+    m = re.search(r"^SLURM jobs \((\d+)\): (.*)$", out, flags=re.M)
+    assert m, out[-4000:]
+    rules = [pair.split("=")[1] for pair in m.group(2).split(", ")]
+    # The demo's DAG: prepare_data, split_data, one victim, two query caches, four
+    # experiments (make_table too unless it is a local rule).
+    assert rules.count("run_attack") == 4 and rules.count("collect_queries") == 2, rules
+    assert {"prepare_data", "split_data", "train_victim"} <= set(rules), rules
+    assert (work / "results" / "table.md").exists()
+    print(out)  # the job ids and timings, in pytest -rA / -s output

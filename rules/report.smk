@@ -1,12 +1,139 @@
+# Results people can read: per-stage figures, the results tables (CSV, Markdown,
+# booktabs LaTeX, HTML) and the Snakemake report (snakemake --report results/report.html).
+# Everything here is built from the metrics and history files only.
+
+from mextract.report import STAGE_TITLES  # noqa: E402  (torch-free)
+
+
+# Cheap rules run on the submitting host, never as cluster jobs (--executor slurm).
+localrules:
+    all,
+    make_table,
+    plot_stage,
+    plot_victims,
+
+
+REFERENCE = "config/reference.yaml"  # the reference study's numbers (one data file)
+# Stages present in this config; the figures are one set per stage, with fixed names.
+STAGES = sorted({int(e["stage"]) for e in config["experiments"].values()})
+
+
+report: "../report/workflow.rst"
+
+
+def stage_title(stage):
+    return f"Stage {stage}: {STAGE_TITLES[int(stage)]}"
+
+
+def stage_experiments(stage):
+    return [
+        e for e, v in config["experiments"].items() if int(v["stage"]) == int(stage)
+    ]
+
+
+def stage_files(wildcards, name):
+    return expand(
+        f"{RESULTS}/experiments/{{exp}}/{name}", exp=stage_experiments(wildcards.stage)
+    )
+
+
+STAGE_PLOTS = expand(
+    f"{RESULTS}/report/stage{{stage}}_{{plot}}.{{ext}}",
+    stage=STAGES,
+    plot=["fidelity_vs_queries", "accuracy_fidelity"],
+    ext=["png", "svg"],
+)
+VICTIM_PLOTS = expand(f"{RESULTS}/report/victims_training.{{ext}}", ext=["png", "svg"])
+
+
+rule plot_stage:
+    input:
+        metrics=lambda wc: stage_files(wc, "metrics.json"),
+        history=lambda wc: stage_files(wc, "history.csv"),
+        reference=REFERENCE,
+    output:
+        fidelity_png=report(
+            f"{RESULTS}/report/stage{{stage}}_fidelity_vs_queries.png",
+            caption="../report/fidelity_vs_queries.rst",
+            category=lambda wc: stage_title(wc.stage),
+            subcategory="fidelity against queries",
+            labels={"stage": "{stage}", "figure": "fidelity against queries"},
+        ),
+        fidelity_svg=f"{RESULTS}/report/stage{{stage}}_fidelity_vs_queries.svg",
+        bars_png=report(
+            f"{RESULTS}/report/stage{{stage}}_accuracy_fidelity.png",
+            caption="../report/accuracy_fidelity.rst",
+            category=lambda wc: stage_title(wc.stage),
+            subcategory="accuracy and fidelity",
+            labels={
+                "stage": "{stage}",
+                "figure": "accuracy and fidelity beside the study",
+            },
+        ),
+        bars_svg=f"{RESULTS}/report/stage{{stage}}_accuracy_fidelity.svg",
+    log:
+        f"{RESULTS}/logs/plot_stage/stage{{stage}}.log",
+    wildcard_constraints:
+        stage="[0-3]",
+    conda:
+        ENV
+    params:
+        experiments=lambda wc: stage_experiments(wc.stage),
+        code=code_fingerprint("report", "plots"),
+    script:
+        "../workflow/scripts/make_plots.py"
+
+
+rule plot_victims:
+    input:
+        metrics=expand(
+            f"{RESULTS}/victims/{{victim}}/metrics.json", victim=used_victims()
+        ),
+        history=expand(
+            f"{RESULTS}/victims/{{victim}}/history.csv", victim=used_victims()
+        ),
+        reference=REFERENCE,
+    output:
+        png=report(
+            VICTIM_PLOTS[0],
+            caption="../report/victims_training.rst",
+            category=stage_title(0),
+            subcategory="training curve",
+            labels={"stage": "0", "figure": "victim training"},
+        ),
+        svg=VICTIM_PLOTS[1],
+    log:
+        f"{RESULTS}/logs/plot_victims.log",
+    conda:
+        ENV
+    params:
+        victims=used_victims(),
+        code=code_fingerprint("report", "plots"),
+    script:
+        "../workflow/scripts/make_plots.py"
+
+
 rule make_table:
     input:
         metrics=experiment_metrics(),
         victims=expand(
             f"{RESULTS}/victims/{{victim}}/metrics.json", victim=used_victims()
         ),
+        reference=REFERENCE,
+        # Not read: listed so that `rule all`, which asks for the table, also builds
+        # every figure of the report.
+        plots=[*STAGE_PLOTS, *VICTIM_PLOTS],
     output:
         csv=f"{RESULTS}/table.csv",
         md=f"{RESULTS}/table.md",
+        tex=f"{RESULTS}/table.tex",
+        html=report(
+            f"{RESULTS}/report/table.html",
+            caption="../report/table.rst",
+            category="Results table",
+            subcategory="all stages",
+            labels={"table": "all stages, beside the study"},
+        ),
     log:
         f"{RESULTS}/logs/make_table.log",
     conda:
@@ -15,6 +142,8 @@ rule make_table:
         experiments=list(config["experiments"]),
         victims=used_victims(),
         dataset=config["dataset"]["name"],
+        title=config["title"],
+        code=code_fingerprint("report"),
     script:
         "../workflow/scripts/make_table.py"
 

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-PROJECT_FILES = ["Snakefile", "rules", "workflow", "config", "src", "envs", "profiles"]
+PROJECT_FILES = ["Snakefile", "rules", "workflow", "config", "src", "envs", "profiles", "report"]
 
 
 def copy_project(dest: Path) -> Path:

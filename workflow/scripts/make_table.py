@@ -1,4 +1,4 @@
-"""Build results/table.csv and results/table.md from the metrics files."""
+"""Build results/table.{csv,md,tex} and the report's HTML table from the metrics files."""
 
 import sys
 from pathlib import Path
@@ -8,11 +8,26 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
 
 
-from mextract.report import load_metrics, results_table, to_markdown
+from mextract.report import (
+    load_metrics,
+    load_reference,
+    results_table,
+    table_notes,
+    to_html,
+    to_latex,
+    to_markdown,
+    victims_table,
+)
+from mextract.io import write_text
 from mextract.runtime import logged
 
 with logged(snakemake.log[0]):
-    df = results_table(load_metrics(snakemake.input.metrics))
-    df.to_csv(snakemake.output.csv, index=False)
-    victims = load_metrics(snakemake.input.victims)
-    Path(snakemake.output.md).write_text(to_markdown(df, victims))
+    reference = load_reference(snakemake.input.reference)
+    df = results_table(load_metrics(snakemake.input.metrics), reference)
+    victims = victims_table(load_metrics(snakemake.input.victims), reference)
+    notes = table_notes(snakemake.params.dataset, snakemake.params.title, reference)
+    write_text(df.to_csv(index=False), snakemake.output.csv)
+    write_text(to_markdown(df, victims, notes), snakemake.output.md)
+    write_text(to_latex(df, victims, notes), snakemake.output.tex)
+    write_text(to_html(df, victims, notes, title=f"Results: {snakemake.params.title}"),
+               snakemake.output.html)

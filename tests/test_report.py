@@ -1,0 +1,339 @@
+"""Results tables, figures and the Snakemake report.
+
+Unit tests build tables and figures from small synthetic metrics; the workflow tests
+read the shared demo run (``demo_run``, tests/conftest.py) and never rerun it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT, snakemake
+from PIL import Image
+
+from mextract import plots
+from mextract.report import (
+    DASH,
+    ReferenceError,
+    load_reference,
+    results_table,
+    to_html,
+    to_latex,
+    to_markdown,
+    validate_reference,
+    victims_table,
+)
+
+# ------------------------------------------------------------------ parsers of the 3 formats
+
+
+def parse_markdown(text: str) -> dict[str, list[list[str]]]:
+    """``### heading`` -> rows (header first) of the pipe table below it."""
+    out: dict[str, list[list[str]]] = {}
+    heading = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            heading = line[4:].strip()
+            out[heading] = []
+        elif line.startswith("|") and heading is not None and not line.startswith("|---"):
+            out[heading].append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return out
+
+
+class _HTMLTables(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: dict[str, list[list[str]]] = {}
+        self.heading: str | None = None
+        self._text: list[str] | None = None
+        self._row: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in ("h2", "th", "td"):
+            self._text = []
+        elif tag == "tr":
+            self._row = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2":
+            self.heading = "".join(self._text or []).strip()
+            self.out[self.heading] = []
+        elif tag in ("th", "td") and self._row is not None:
+            self._row.append("".join(self._text or []).strip())
+        elif tag == "tr" and self.heading is not None:
+            self.out[self.heading].append(self._row or [])
+            self._row = None
+        if tag in ("h2", "th", "td"):
+            self._text = None
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
+
+
+def parse_html(text: str) -> dict[str, list[list[str]]]:
+    parser = _HTMLTables()
+    parser.feed(text)
+    return parser.out
+
+
+def _untex(cell: str) -> str:
+    for latex, plain in ((r"$\Delta$", "Δ"), ("--", DASH), (r"\%", "%"), (r"\_", "_"),
+                         (r"\&", "&"), (r"\#", "#")):
+        cell = cell.replace(latex, plain)
+    return cell.strip()
+
+
+def parse_latex(text: str) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    for block in text.split(r"\begin{table}")[1:]:
+        caption = _untex(re.search(r"\\caption\{(.*?)\}\n", block).group(1))
+        head = block.split(r"\toprule")[1].split(r"\midrule")[0]
+        body = block.split(r"\midrule")[1].split(r"\bottomrule")[0]
+        rows = [line for part in (head, body) for line in part.strip().splitlines()]
+        out[caption] = [[_untex(c) for c in row.rstrip().removesuffix(r"\\").split(" & ")]
+                        for row in rows]
+    return out
+
+
+# ------------------------------------------------------------------ synthetic metrics
+def metric(exp: str, stage: int, strategy: str, fidelity: float, queries: int = 0,
+           victim: str = "v", **extra: object) -> dict:
+    return {"experiment": exp, "stage": stage, "strategy": strategy, "queries": queries,
+            "api": "none" if strategy == "control" else "hard", "victim": victim,
+            "api_name": None if strategy == "control" else "hard",
+            "test_accuracy": fidelity - 0.01, "fidelity": fidelity,
+            "fidelity_on_victim_errors": fidelity / 2, "wall_time_s": 12.34, **extra}
+
+
+REFERENCE = validate_reference({"dataset": "cifar10", "stages": {
+    0: {"victim": {"test_accuracy": 0.94}},
+    2: {"basic": {"test_accuracy": 0.6939, "fidelity": 0.7027, "queries": 1250000}},
+    3: {"mixup": {"test_accuracy": 0.8523, "fidelity": 0.862, "trigger_wsr": 0.1168}},
+}})
+
+SYNTHETIC = [
+    metric("basic", 2, "basic", 0.75, 500),
+    metric("ctl2", 2, "control", 0.70),
+    metric("mix3", 3, "mixup", 0.80, 900, trigger_wsr=0.25, dawn_agreement=0.9,
+           dawn_p_value=1e-6, dawn_verified=True, api_honest_accuracy=0.7),
+    metric("ctl3-w", 3, "control", 0.60, victim="w"),
+    metric("ctl3", 3, "control", 0.65),
+]
+
+
+def test_project_reference_file_is_valid_and_complete():
+    ref = load_reference(ROOT / "config" / "reference.yaml")
+    expected = {0: {"victim"}, 1: {"kd", "random_erasing", "marich", "spsg"},
+                2: {"basic", "augmentation", "boundary", "active_learning", "mixup"},
+                3: {"basic", "augmentation", "boundary", "mixup"}}
+    assert {s: set(v) for s, v in ref.stages.items()} == expected
+    for stage in (1, 2, 3):
+        for numbers in ref.stages[stage].values():
+            assert 0 < numbers["test_accuracy"] <= numbers["fidelity"] < 1
+    assert all("trigger_wsr" in n for n in ref.stages[3].values())
+
+
+@pytest.mark.parametrize("stages, key", [
+    ({7: {"kd": {"fidelity": 0.5}}}, "stages.7"),
+    ({"one": {"kd": {"fidelity": 0.5}}}, "stages.one"),
+    ({1: {"kd_typo": {"fidelity": 0.5}}}, "stages.1.kd_typo"),
+    ({0: {"kd": {"test_accuracy": 0.5}}}, "stages.0.kd"),
+    ({2: {"basic": {"fidelty": 0.5}}}, "stages.2.basic.fidelty"),
+    ({2: {"basic": {"fidelity": 70.27}}}, "stages.2.basic.fidelity"),
+])
+def test_reference_rejects_unknown_keys_naming_them(tmp_path, stages, key):
+    path = tmp_path / "reference.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ReferenceError) as err:
+        load_reference(path)
+    assert f"'{key}'" in str(err.value)
+
+
+def test_results_table_gain_over_control_and_study_columns():
+    df = results_table(SYNTHETIC, REFERENCE).set_index("experiment")
+    # controls first within their stage, stages in order
+    assert list(df.index) == ["ctl2", "basic", "ctl3-w", "ctl3", "mix3"]
+    assert df.loc["basic", "control"] == "ctl2"
+    assert df.loc["basic", "fidelity_gain"] == pytest.approx(0.75 - 0.70)
+    # matched by victim when a stage has several controls
+    assert df.loc["mix3", "control"] == "ctl3"
+    assert df.loc["mix3", "fidelity_gain"] == pytest.approx(0.80 - 0.65)
+    assert math.isnan(df.loc["ctl2", "fidelity_gain"])
+    assert df.loc["basic", "study_queries"] == 1250000
+    assert df.loc["basic", "queries_vs_study"] == 500 - 1250000
+    assert df.loc["basic", "fidelity_vs_study"] == pytest.approx(0.75 - 0.7027)
+    assert df.loc["mix3", "trigger_wsr_vs_study"] == pytest.approx(0.25 - 0.1168)
+    assert pd.isna(df.loc["basic", "trigger_wsr"]) and pd.isna(df.loc["ctl2", "study_fidelity"])
+    assert bool(df.loc["mix3", "dawn_verified"]) is True
+
+
+def test_three_formats_agree_and_show_stage3_columns_only_in_stage3():
+    df = results_table(SYNTHETIC, REFERENCE)
+    victims = victims_table([{"victim": "v", "arch": "resnet18", "width": 8,
+                              "train_images": 100, "test_accuracy": 0.9,
+                              "train_time_s": 3.0}], REFERENCE)
+    md = parse_markdown(to_markdown(df, victims, ["note"]))
+    assert md == parse_html(to_html(df, victims, ["note"]))
+    assert md == parse_latex(to_latex(df, victims, ["note"]))
+    assert list(md) == ["Stage 0: victim", "Stage 2: hard-label extraction",
+                        "Stage 3: extraction against a defended API"]
+    s2, s3 = md["Stage 2: hard-label extraction"], md["Stage 3: extraction against a defended API"]
+    assert "WSR" not in s2[0] and "WSR" in s3[0] and "verified" in s3[0]
+    basic = dict(zip(s2[0], s2[2], strict=True))
+    assert basic["fid. gain over control"] == "+5.00 pp"
+    assert basic["study fid."] == "70.27%" and basic["Δ queries"] == "-1,249,500"
+    ctl = dict(zip(s2[0], s2[1], strict=True))
+    assert ctl["experiment"] == "ctl2" and ctl["study acc."] == DASH
+    mix = dict(zip(s3[0], s3[3], strict=True))
+    assert (mix["WSR"], mix["verified"], mix["DAWN p"]) == ("25.00%", "yes", "1e-06")
+    victim = dict(zip(*md["Stage 0: victim"], strict=True))
+    assert (victim["test acc."], victim["Δ acc."]) == ("90.00%", "-4.00 pp")
+
+
+# ------------------------------------------------------------------ figures (synthetic)
+def check_image(path: Path) -> None:
+    assert path.exists() and path.stat().st_size > 0, path
+    if path.suffix == ".png":
+        with Image.open(path) as im:
+            im.verify()
+            assert im.format == "PNG" and min(im.size) > 100
+    else:
+        assert ET.parse(path).getroot().tag.endswith("svg")
+
+
+def test_fidelity_plot_draws_lines_points_and_control(tmp_path):
+    hist = pd.DataFrame({"epoch": [1, 2, 3], "queries": [100, 100, 100],
+                         "fidelity": [0.3, 0.6, 0.7]})
+    adaptive = pd.DataFrame({"epoch": [1, 2, 3], "queries": [50, 120, 300],
+                             "fidelity": [0.2, 0.5, 0.65]})
+    control = pd.DataFrame({"epoch": [1, 2], "queries": [0, 0], "fidelity": [0.5, 0.8]})
+    runs = [(metric("c", 1, "control", 0.8), control),
+            (metric("kd", 1, "kd", 0.7, 100), hist),
+            (metric("m", 1, "marich", 0.66, 300), adaptive)]
+    paths = [tmp_path / "f.png", tmp_path / "f.svg"]
+    fig = plots.fidelity_vs_queries(runs, 1, paths)
+    for p in paths:
+        check_image(p)
+    lines = fig.axes[0].get_lines()
+    control_line = [ln for ln in lines if list(ln.get_ydata()) == [0.8, 0.8]]
+    assert control_line and list(control_line[0].get_xdata()) == [0, 1]  # axes-wide
+    assert any(list(ln.get_xdata()) == [100.0] and list(ln.get_ydata()) == [0.7]
+               for ln in lines)  # the fixed-count strategy's final point
+    assert any(list(ln.get_xdata()) == [50, 120, 300] for ln in lines)  # adaptive curve
+    assert fig.axes[0].get_xscale() == "log"
+
+
+def test_bar_chart_and_victim_curve(tmp_path):
+    table = results_table([m for m in SYNTHETIC if m["stage"] == 3], REFERENCE)
+    fig = plots.accuracy_fidelity_bars(table, 3, [tmp_path / "b.png", tmp_path / "b.svg"])
+    check_image(tmp_path / "b.png")
+    check_image(tmp_path / "b.svg")
+    heights = sorted(round(p.get_height(), 4) for p in fig.axes[0].patches)
+    # mix3: accuracy, fidelity, WSR, ours and the study's
+    assert heights == sorted([0.79, 0.8523, 0.80, 0.862, 0.25, 0.1168])
+    ys = {ln.get_ydata()[0] for ln in fig.axes[0].get_lines()}
+    assert {0.60, 0.65} <= ys  # the controls' fidelity reference lines
+    hist = pd.DataFrame({"epoch": [1, 2], "loss": [2.0, 1.0], "test_accuracy": [0.5, 0.9]})
+    plots.victim_training([({"victim": "v", "arch": "resnet18", "width": 8,
+                             "test_accuracy": 0.9}, hist)],
+                          [tmp_path / "v.png", tmp_path / "v.svg"], REFERENCE)
+    check_image(tmp_path / "v.png")
+    check_image(tmp_path / "v.svg")
+
+
+# ------------------------------------------------------------------ the demo workflow
+def demo_config(run: Path) -> dict:
+    return yaml.safe_load((run / "config" / "demo.yaml").read_text())
+
+
+def plot_files(run: Path) -> list[Path]:
+    stages = sorted({e["stage"] for e in demo_config(run)["experiments"].values()})
+    names = [f"stage{s}_{kind}" for s in stages
+             for kind in ("fidelity_vs_queries", "accuracy_fidelity")] + ["victims_training"]
+    return [run / "results" / "report" / f"{n}.{ext}" for n in names for ext in ("png", "svg")]
+
+
+@pytest.mark.workflow
+def test_demo_tables_agree_with_each_other_and_the_metrics(demo_run):
+    results = demo_run / "results"
+    md = parse_markdown((results / "table.md").read_text())
+    assert md == parse_latex((results / "table.tex").read_text())
+    assert md == parse_html((results / "report" / "table.html").read_text())
+    csv = pd.read_csv(results / "table.csv").set_index("experiment")
+    exps = demo_config(demo_run)["experiments"]
+    assert set(csv.index) == set(exps)
+    metrics = {e: json.loads((results / "experiments" / e / "metrics.json").read_text())
+               for e in exps}
+    sections = {int(h.split(":")[0].split()[1]): rows for h, rows in md.items()}
+    for exp, m in metrics.items():
+        for key in ("queries", "test_accuracy", "fidelity", "fidelity_on_victim_errors"):
+            assert csv.loc[exp, key] == pytest.approx(m[key]), (exp, key)
+        header, *rows = sections[m["stage"]]
+        row = dict(zip(header, next(r for r in rows if r[0] == exp), strict=True))
+        assert row["queries"] == f"{m['queries']:,}"
+        assert row["test acc."] == f"{100 * m['test_accuracy']:.2f}%"
+        assert row["fidelity"] == f"{100 * m['fidelity']:.2f}%"
+        assert row["fid. on victim errors"] == f"{100 * m['fidelity_on_victim_errors']:.2f}%"
+        if m["strategy"] != "control":
+            control = next(c for c in metrics.values()
+                           if c["strategy"] == "control" and c["stage"] == m["stage"])
+            gain = m["fidelity"] - control["fidelity"]
+            assert csv.loc[exp, "fidelity_gain"] == pytest.approx(gain)
+            assert row["fid. gain over control"] == f"{100 * gain:+.2f} pp"
+    header, *rows = md["Stage 0: victim"]
+    assert len(rows) == len(demo_config(demo_run)["victims"])
+    for row in rows:
+        victim = json.loads((results / "victims" / row[0] / "metrics.json").read_text())
+        cells = dict(zip(header, row, strict=True))
+        assert cells["test acc."] == f"{100 * victim['test_accuracy']:.2f}%"
+        if "WSR" in cells:
+            assert cells["WSR"] == f"{100 * victim['trigger_wsr']:.2f}%"
+
+
+@pytest.mark.workflow
+def test_demo_plots_are_valid_images(demo_run):
+    for path in plot_files(demo_run):
+        check_image(path)
+
+
+@pytest.mark.workflow
+def test_snakemake_report_embeds_plots_table_and_captions(demo_run):
+    snakemake(demo_run, "--report", "results/report.html", "--configfile", "config/demo.yaml")
+    page = (demo_run / "results" / "report.html").read_text()
+    # the report stores its results as JSON inside <script> tags
+    results = json.loads(re.search(r"var results = (\{.*?\});\n", page, re.S).group(1))
+    categories = json.loads(re.search(r"var categories = (\{.*?\});\n", page, re.S).group(1))
+    description = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page).group(1))
+    stages = sorted({e["stage"] for e in demo_config(demo_run)["experiments"].values()})
+    assert {c.split(":")[0] for c in categories} >= {f"Stage {s}" for s in [0, *stages]}
+    phrases = {"fidelity_vs_queries": "fidelity against victim queries spent",
+               "accuracy_fidelity": "test accuracy and fidelity, ours beside the",
+               "victims_training": "Stage 0: the victim"}
+    for path in (p for p in plot_files(demo_run) if p.suffix == ".png"):
+        entry = results[f"results/report/{path.name}"]
+        kind = next(k for k in phrases if k in path.name)
+        assert phrases[kind] in entry["caption"], entry["caption"]
+        assert "Produced by rule" in entry["caption"]
+        stage = path.name[5] if path.name.startswith("stage") else "0"
+        assert f"Stage {stage}" in entry["caption"]
+        assert entry["data_uri"].startswith("data:image/png;") and ";base64," in entry["data_uri"]
+        assert base64.b64decode(entry["data_uri"].split(",", 1)[1]) == path.read_bytes()
+    table = results["results/report/table.html"]
+    assert "fidelity gain over control" in table["caption"]
+    embedded = base64.b64decode(table["data_uri"].split(",", 1)[1]).decode()
+    assert embedded == (demo_run / "results" / "report" / "table.html").read_text()
+    cfg = demo_config(demo_run)
+    assert cfg["title"] in description and f"``{cfg['dataset']['name']}``" not in description
+    assert f"<tt class=\"docutils literal\">{cfg['dataset']['name']}</tt>" in description
+    assert f"{cfg['substitute']['train']['epochs']} epochs" in description
+    assert "System Message" not in page  # no reStructuredText errors in any caption

@@ -13,10 +13,10 @@ rule run_attack:
         ENV
     threads: config["compute"]["threads"]
     resources:
-        gpu=1,
+        gpu=GPU,
     params:
         settings=lambda wc: attack_settings(wc.exp),
-        victim=lambda wc: config["victims"][victim_of(wc.exp)],
+        victims=lambda wc: attack_victims(wc.exp),
         workdir=lambda wc: f"{RESULTS}/experiments/{wc.exp}/work",
         code=attack_code,
     script:

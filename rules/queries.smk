@@ -5,15 +5,19 @@ rule collect_queries:
         victim=lambda wc: f"{RESULTS}/victims/{config['apis'][wc.api]['victim']}/model.pt",
     output:
         cache=f"{RESULTS}/queries/{{api}}/{{qset}}.pt",
+        # the defender's DAWN log of these answers (empty for an API without DAWN)
+        watermark=f"{RESULTS}/queries/{{api}}/{{qset}}.watermark.pt",
     log:
         f"{RESULTS}/logs/collect_queries/{{api}}-{{qset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/collect_queries/{{api}}-{{qset}}.tsv"
+    wildcard_constraints:
+        qset=r"[^/]+(?<!\.watermark)",
     conda:
         ENV
     threads: config["compute"]["threads"]
     resources:
-        gpu=1,
+        gpu=GPU,
     params:
         api=api_settings,
         victim=lambda wc: config["victims"][config["apis"][wc.api]["victim"]],

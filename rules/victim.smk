@@ -15,12 +15,12 @@ rule train_victim:
         ENV
     threads: config["compute"]["threads"]
     resources:
-        gpu=1,
+        gpu=GPU,
     params:
         victim=lambda wc: config["victims"][wc.victim],
         seed=lambda wc: config["victims"][wc.victim]["seed"],
         compute=config["compute"],
         checkpoint=lambda wc: f"{RESULTS}/victims/{wc.victim}/checkpoint.pt",
-        code=code_fingerprint(*CORE, "victim"),
+        code=code_fingerprint("victim"),
     script:
         "../workflow/scripts/train_victim.py"

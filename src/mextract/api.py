@@ -9,14 +9,16 @@ The API receives images as a client would send them, 8-bit RGB (float inputs in
 * ``honey``: shorthand for ``hard`` with the :class:`~mextract.defences.HoneyLabels`
   layer (where top-1 minus top-2 logit < margin, answer the top-2 class).
 
-Defences are layers applied to hard answers in the order given. The API counts every
-image it answers and refuses a call that would exceed its budget.
+Defences are layers applied to hard answers in the order given (a DAWN watermark
+layer last); :meth:`VictimAPI.watermark_log` returns the defender-side log of the
+watermarked answers. The API counts every image it answers and refuses a call that
+would exceed its budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -64,6 +66,10 @@ class VictimAPI:
             self.defences.insert(0, HoneyLabels())
         if mode == "soft" and self.defences:
             raise ValueError("defence layers act on hard labels; use mode 'hard'")
+        if self.defences:
+            from mextract.defences import check_order
+
+            check_order(self.defences)
         self.mode = mode
         self.budget = budget
         self.batch_size = batch_size
@@ -77,6 +83,19 @@ class VictimAPI:
     @property
     def description(self) -> str:
         return "+".join([self.mode, *[d.name for d in self.defences]])
+
+    @property
+    def watermarked(self) -> bool:
+        """Whether a layer keeps a watermark log (DAWN)."""
+        return any(hasattr(d, "log") for d in self.defences)
+
+    def watermark_log(self) -> dict[str, Any]:
+        """The defender's log of watermarked answers so far (see
+        :mod:`mextract.watermark`); an API without a DAWN layer gives an empty log."""
+        from mextract.watermark import empty_log, merge_logs
+
+        logs = [d.log() for d in self.defences if hasattr(d, "log")]
+        return merge_logs(logs) if logs else empty_log(seen=self.queries)
 
     def logits(self, images_u8: torch.Tensor) -> torch.Tensor:
         """Victim logits for uint8 images (internal: never counted, never exposed)."""

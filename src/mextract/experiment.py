@@ -1,8 +1,14 @@
-"""Run one extraction experiment end to end (used by the workflow's attack rule)."""
+"""Run one extraction experiment end to end (used by the workflow's attack rule).
+
+Stage-3 experiments are also *verified* (:func:`verify_substitute`): the trigger
+watermark's WSR, DAWN verification against the defender's watermark log, and the
+defended API's accuracy for honest users next to the undefended victim's.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +19,11 @@ from mextract.api import VictimAPI
 from mextract.attacks import registry
 from mextract.attacks.base import AttackContext, AttackResult
 from mextract.compute import Compute
-from mextract.defences import build_defences
-from mextract.metrics import evaluator
+from mextract.defences import build_defences, dawn_key
+from mextract.metrics import agreement, evaluator, predict
 from mextract.models import build_model
 from mextract.train import TrainConfig
+from mextract.watermark import dawn_verify, merge_logs, trigger_wsr
 
 
 def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute) -> VictimAPI:
@@ -33,8 +40,20 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
                    substitute: dict[str, Any], train_cfg: dict[str, Any], compute: Compute,
                    seed: int, workdir: str | Path, cache: dict[str, Any] | None = None,
                    victim: nn.Module | None = None, api_cfg: dict[str, Any] | None = None,
+                   verify: dict[str, Any] | None = None,
+                   watermark_logs: Sequence[dict[str, Any]] = (),
+                   verify_victim: nn.Module | None = None,
                    ) -> tuple[AttackResult, dict[str, Any]]:
-    """Build the attacker's context, run the strategy, score the substitute."""
+    """Build the attacker's context, run the strategy, score the substitute.
+
+    An adaptive strategy's live API that carries a DAWN layer leaves its watermark log
+    in ``workdir/watermark.pt``. With ``verify`` (keys ``trigger``: {target, size},
+    ``significance``, ``api``: the config of the API whose watermark is checked or None,
+    ``live_log``: whether this experiment's own live API log belongs to it), the
+    substitute is verified by :func:`verify_substitute` against ``watermark_logs`` (the
+    defender's logs, e.g. of the query cache it trained from) plus the live log, and
+    ``verify_victim`` (the checked API's victim) gives the API's honest-user accuracy.
+    """
     t0 = time.perf_counter()
     info = registry.get(strategy)
     params = {**info.defaults, **(params or {})}
@@ -60,10 +79,32 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         augment=train_cfg.get("augment", "crop_flip"),
     )
     result = registry.load(strategy).run(ctx, params)
-    if api is not None and result.queries != api.queries + (cache or {}).get("count", 0):
+    # a strategy that replayed its saved query log (boundary) asked nothing this time
+    replayed = int(result.extra.get("logged_queries", 0)) if result.extra.get(
+        "queries_from_log") else 0
+    if api is not None and result.queries != (api.queries + replayed
+                                              + (cache or {}).get("count", 0)):
         raise RuntimeError(f"{strategy} reported {result.queries} queries but the API "
                            f"answered {api.queries}")
+    logs = list(watermark_logs)
+    if api is not None and api.watermarked:
+        from mextract.io import load_artifact, save_artifact
+
+        wm_path = workdir / "watermark.pt"
+        if replayed and api.queries == 0 and wm_path.exists():
+            live_log = load_artifact(wm_path)  # the log of the run that asked
+        else:
+            live_log = api.watermark_log()
+            save_artifact(live_log, wm_path)
+        if verify and verify.get("live_log"):
+            logs.append(live_log)
     final = ctx.evaluate(result.model)
+    checks: dict[str, Any] = {}
+    if verify is not None:
+        checks = verify_substitute(
+            result.model, data=data, compute=compute, trigger=verify["trigger"],
+            api_cfg=verify.get("api"), logs=logs,
+            significance=float(verify.get("significance", 0.01)), victim=verify_victim)
     metrics = {
         "strategy": strategy,
         "params": params,
@@ -72,9 +113,59 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         **final,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "compute": compute.as_dict(),
+        **checks,
         **result.extra,
     }
     return result, metrics
+
+
+def api_honest_accuracy(victim: nn.Module, api_cfg: dict[str, Any], x_test: torch.Tensor,
+                        y_test: torch.Tensor, compute: Compute) -> dict[str, float]:
+    """The cost of an API's defences to honest users: the accuracy of its answers on the
+    test set (a fresh instance, so no attacker's count or log changes), next to the
+    undefended victim's accuracy and the share of answers the defences changed."""
+    api = make_api(victim, {**api_cfg, "budget": None}, compute)
+    served = api.query(x_test)
+    if served.is_floating_point():
+        served = served.argmax(dim=1)
+    plain = predict(api.model, x_test, compute)
+    return {"api_honest_accuracy": agreement(served, y_test),
+            "api_victim_accuracy": agreement(plain, y_test),
+            "api_changed_answers": 1.0 - agreement(served, plain)}
+
+
+def verify_substitute(model: nn.Module, *, data: dict[str, Any], compute: Compute,
+                      trigger: dict[str, int], api_cfg: dict[str, Any] | None = None,
+                      logs: Sequence[dict[str, Any]] = (), significance: float = 0.01,
+                      victim: nn.Module | None = None) -> dict[str, Any]:
+    """Stage-3 checks of a model (a substitute or a no-theft control).
+
+    * ``trigger_wsr``: :func:`mextract.watermark.trigger_wsr` with ``trigger``;
+    * ``dawn_*``: when ``api_cfg`` has a DAWN layer, :func:`mextract.watermark.dawn_verify`
+      of the model's predictions on the merged ``logs`` with that layer's key, at level
+      ``significance`` (None values when the API has no DAWN layer);
+    * ``api_honest_accuracy`` etc.: :func:`api_honest_accuracy` of ``api_cfg`` around
+      ``victim`` (needs both).
+    """
+    out: dict[str, Any] = {
+        "trigger_wsr": trigger_wsr(model, data["x_test"], data["y_test"], compute,
+                                   target=int(trigger["target"]), size=int(trigger["size"])),
+        "trigger_target": int(trigger["target"]),
+    }
+    key = dawn_key((api_cfg or {}).get("defences"))
+    if key is None:
+        out.update({"dawn_marked": 0, "dawn_checked": 0, "dawn_agreement": None,
+                    "dawn_p_value": None, "dawn_verified": None})
+    else:
+        log = merge_logs(logs)
+        pred = (predict(model, log["images"], compute) if len(log["images"])
+                else torch.zeros(0, dtype=torch.int64))
+        out.update(dawn_verify(pred, log, key, significance))
+        out["dawn_significance"] = significance
+    if api_cfg is not None and victim is not None:
+        out.update(api_honest_accuracy(victim, api_cfg, data["x_test"], data["y_test"],
+                                       compute))
+    return out
 
 
 def load_victim(path: str | Path, victim_cfg: dict[str, Any], num_classes: int) -> nn.Module:

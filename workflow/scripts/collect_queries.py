@@ -1,4 +1,5 @@
-"""Answer a query set once through the victim API and cache the answers."""
+"""Answer a query set once through the victim API; cache the answers and the defender's
+DAWN watermark log of them (empty for an API without a DAWN layer)."""
 
 import sys
 from pathlib import Path
@@ -19,4 +20,8 @@ with logged(snakemake.log[0]):
     api = make_api(victim, snakemake.params.api, compute)
     cache = collect(api, pool, snakemake.wildcards.qset)
     eprint(f"{snakemake.wildcards.qset}: {cache['count']} queries answered by {cache['api']}")
+    log = api.watermark_log()
+    if api.watermarked:
+        eprint(f"watermark: {len(log['labels'])} distinct answers logged")
     save_artifact(cache, snakemake.output.cache)
+    save_artifact(log, snakemake.output.watermark)

@@ -18,14 +18,14 @@
 #   REFERENCE_TABLE=path/table.csv tests/slurm_e2e.sh   # reuse a local run's table
 #
 # Environment: PYTHON (default: .venv/bin/python of this checkout), REFERENCE_TABLE,
-# SLURM_E2E_TIMEOUT (seconds for the SLURM run, default 900), SLURM_E2E_WORKDIR (run
+# SLURM_E2E_TIMEOUT (seconds for the SLURM run, default 1500), SLURM_E2E_WORKDIR (run
 # there instead of a fresh temporary project copy), SLURM_E2E_KEEP=1 (keep the
 # cluster's state folder).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-TIMEOUT="${SLURM_E2E_TIMEOUT:-900}"
+TIMEOUT="${SLURM_E2E_TIMEOUT:-1500}"
 PROJECT_FILES=(Snakefile rules workflow config src envs profiles report)  # as tests/conftest.py
 SKIP=77
 T0=$(date +%s)

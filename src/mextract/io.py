@@ -43,6 +43,22 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def update_with_tensors(h: Any, *tensors: torch.Tensor) -> None:
+    """Feed tensors' dtypes and bytes into a hashlib object (the digest of a pool, of
+    cached answers or of a model's weights that a saved query log must match)."""
+    for t in tensors:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short sha256 of tensors (:func:`update_with_tensors`), 16 hex digits."""
+    h = hashlib.sha256()
+    update_with_tensors(h, *tensors)
+    return h.hexdigest()[:16]
+
+
 def checksum_path(path: str | Path) -> Path:
     """The sidecar that records ``path``'s sha256: ``<path>.sha256``."""
     path = Path(path)

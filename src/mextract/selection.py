@@ -33,7 +33,6 @@ only trains the final substitute; its result then reports the logged count and
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from tqdm import tqdm
 from mextract.api import VictimAPI
 from mextract.attacks.base import AttackContext, AttackResult, default_augment, fit
 from mextract.compute import Compute
-from mextract.io import CorruptArtifactError, load_artifact, save_artifact
+from mextract.io import CorruptArtifactError, load_artifact, save_artifact, tensor_digest
 from mextract.models import feature_extractor
 from mextract.train import Objective, TrainConfig, train
 
@@ -232,15 +231,6 @@ def round_sizes(budget: int, initial: int, rounds: int) -> list[int]:
     return [initial] + [s for s in sizes if s > 0]
 
 
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def log_key(ctx: AttackContext, strategy: str, params: dict[str, Any],
             round_cfg: dict[str, Any]) -> dict[str, Any]:
     """What a query log must match to be reused. The victim's weights are hashed only
@@ -251,8 +241,8 @@ def log_key(ctx: AttackContext, strategy: str, params: dict[str, Any],
         "strategy": strategy,
         "params": {k: params[k] for k in sorted(params)},
         "seed": int(ctx.seed),
-        "pool": _digest(ctx.pool),
-        "victim": _digest(*api.model.state_dict().values()),
+        "pool": tensor_digest(ctx.pool),
+        "victim": tensor_digest(*api.model.state_dict().values()),
         "api": api.description,
         "substitute": f"{type(getattr(sub, 'net', sub)).__name__}:"
                       f"{sum(p.numel() for p in sub.parameters())}",

@@ -41,7 +41,12 @@ from typing import Any
 import torch
 
 from mextract.attacks.base import AttackContext, AttackResult, cache_inputs, fit, require_cache
-from mextract.io import CorruptArtifactError, load_artifact, save_artifact
+from mextract.io import (
+    CorruptArtifactError,
+    load_artifact,
+    save_artifact,
+    update_with_tensors,
+)
 from mextract.train import cross_entropy
 
 Query = Callable[[torch.Tensor], torch.Tensor]
@@ -130,13 +135,6 @@ def sample_pairs(labels: torch.Tensor, n_pairs: int, seed: int) -> torch.Tensor:
     return torch.stack([a, order[pos]], dim=1)
 
 
-def _digest(h: Any, *tensors: torch.Tensor) -> None:
-    for t in tensors:
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-
-
 def _log_key(ctx: AttackContext, cache: dict[str, Any], params: dict[str, Any]) -> str:
     """What a saved query log is valid for: parameters, pool, cached answers, API and
     victim. The victim's weights are hashed only to invalidate a stale log (the attack
@@ -146,9 +144,9 @@ def _log_key(ctx: AttackContext, cache: dict[str, Any], params: dict[str, Any]) 
                         sort_keys=True).encode())
     h.update(json.dumps([cache["api"], cache["query_set"], int(cache["count"]),
                          ctx.api.description if ctx.api is not None else None]).encode())
-    _digest(h, ctx.pool, cache["answers"])
+    update_with_tensors(h, ctx.pool, cache["answers"])
     if ctx.api is not None:
-        _digest(h, *ctx.api.model.state_dict().values())
+        update_with_tensors(h, *ctx.api.model.state_dict().values())
     return h.hexdigest()
 
 

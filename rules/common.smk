@@ -17,6 +17,7 @@ SRC = Path(workflow.basedir) / "src"
 # checkout's library.
 sys.path.insert(0, str(SRC))
 from mextract.attacks import registry  # noqa: E402  (torch-free)
+from mextract.report import STAGE_TITLES  # noqa: E402  (torch-free)
 
 # `--configfile X` *replaces* config/config.yaml instead of being deep-merged into it
 # (Snakemake's default merge would add the full study's experiments to a demo run).
@@ -383,7 +384,7 @@ validate_config(config)
 
 
 def _gpu_units(device):
-    """`gpu` units a GPU rule declares: 1 when its jobs compute on a GPU, so that
+    """The `gpu` units of each GPU job, 1 when its jobs compute on a GPU, so that
     `--resources gpu=N` runs at most N of them at once; 0 when the config computes
     on the CPU (device 'cpu', or 'auto' on a machine without an NVIDIA driver), where
     a unit would serialise CPU jobs for nothing. A cluster profile's set-resources
@@ -391,7 +392,7 @@ def _gpu_units(device):
     if device == "cpu":
         return 0
     if device == "auto":
-        return int(Path("/dev/nvidia0").exists() or bool(shutil.which("nvidia-smi")))
+        return int(bool(shutil.which("nvidia-smi")))
     return 1
 
 
@@ -402,3 +403,34 @@ for _key_name in [k for k in config if k != "experiments"]:
 config["experiments"] = {
     name: _canonical(exp) for name, exp in config["experiments"].items()
 }
+
+
+# ---------------------------------------------------------------- report helpers
+REFERENCE = "config/reference.yaml"  # the reference study's numbers (one data file)
+# Stages present in this config; the figures are one set per stage, with fixed names.
+STAGES = sorted({int(e["stage"]) for e in config["experiments"].values()})
+
+
+def stage_title(stage):
+    return f"Stage {stage}: {STAGE_TITLES[int(stage)]}"
+
+
+def stage_experiments(stage):
+    return [
+        e for e, v in config["experiments"].items() if int(v["stage"]) == int(stage)
+    ]
+
+
+def stage_files(wildcards, name):
+    return expand(
+        f"{RESULTS}/experiments/{{exp}}/{name}", exp=stage_experiments(wildcards.stage)
+    )
+
+
+STAGE_PLOTS = expand(
+    f"{RESULTS}/report/stage{{stage}}_{{plot}}.{{ext}}",
+    stage=STAGES,
+    plot=["fidelity_vs_queries", "accuracy_fidelity"],
+    ext=["png", "svg"],
+)
+VICTIM_PLOTS = expand(f"{RESULTS}/report/victims_training.{{ext}}", ext=["png", "svg"])

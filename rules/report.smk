@@ -2,8 +2,6 @@
 # booktabs LaTeX, HTML) and the Snakemake report (snakemake --report results/report.html).
 # Everything here is built from the metrics and history files only.
 
-from mextract.report import STAGE_TITLES  # noqa: E402  (torch-free)
-
 
 # Cheap rules run on the submitting host, never as cluster jobs (--executor slurm).
 localrules:
@@ -13,37 +11,7 @@ localrules:
     plot_victims,
 
 
-REFERENCE = "config/reference.yaml"  # the reference study's numbers (one data file)
-# Stages present in this config; the figures are one set per stage, with fixed names.
-STAGES = sorted({int(e["stage"]) for e in config["experiments"].values()})
-
-
 report: "../report/workflow.rst"
-
-
-def stage_title(stage):
-    return f"Stage {stage}: {STAGE_TITLES[int(stage)]}"
-
-
-def stage_experiments(stage):
-    return [
-        e for e, v in config["experiments"].items() if int(v["stage"]) == int(stage)
-    ]
-
-
-def stage_files(wildcards, name):
-    return expand(
-        f"{RESULTS}/experiments/{{exp}}/{name}", exp=stage_experiments(wildcards.stage)
-    )
-
-
-STAGE_PLOTS = expand(
-    f"{RESULTS}/report/stage{{stage}}_{{plot}}.{{ext}}",
-    stage=STAGES,
-    plot=["fidelity_vs_queries", "accuracy_fidelity"],
-    ext=["png", "svg"],
-)
-VICTIM_PLOTS = expand(f"{RESULTS}/report/victims_training.{{ext}}", ext=["png", "svg"])
 
 
 rule plot_stage:

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from conftest import ROOT, copy_project
 
 SCRIPT = ROOT / "tests" / "slurm_e2e.sh"
 SKIPPED = 77  # the script's "cannot run here"
+#: the script's whole output (job ids, rules, table, wall time) is kept here after a run
+REPORT = Path(os.environ.get("MEXTRACT_SLURM_E2E_LOG", "/tmp/mextract-slurm-e2e.log"))
 
 
 def skip_reason() -> str | None:
@@ -45,9 +48,12 @@ def test_demo_on_slurm_matches_local_run(demo_run: Path, tmp_path: Path) -> None
     env = {**os.environ, "PYTHON": sys.executable, "SLURM_E2E_WORKDIR": str(work),
            "REFERENCE_TABLE": str(demo_run / "results" / "table.csv"),
            "SLURM_E2E_TIMEOUT": "1800"}
+    start = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                           timeout=2400)
     out = proc.stdout + proc.stderr
+    REPORT.write_text(out + f"\nslurm e2e wall time: {time.monotonic() - start:.0f} s "
+                      f"(exit {proc.returncode})\n")
     if proc.returncode == SKIPPED:
         pytest.skip(out.strip().splitlines()[-1])
     assert proc.returncode == 0, out[-8000:]

@@ -239,6 +239,10 @@ def _api(row: Mapping[str, Any]) -> str:
     return f"{name}: {_text(api)}"
 
 
+def seconds(v: Any) -> str:
+    return DASH if _missing(v) else f"{float(v):.1f}"
+
+
 #: (header, formatter) of each displayed column; the ``OPTIONAL`` ones are left out of a
 #: stage whose experiments all lack them
 DISPLAY: dict[str, tuple[str, Any]] = {
@@ -255,7 +259,7 @@ DISPLAY: dict[str, tuple[str, Any]] = {
     "dawn_p_value": ("DAWN p", lambda v: DASH if _missing(v) else f"{float(v):.3g}"),
     "dawn_verified": ("verified", lambda v: DASH if _missing(v) else ("yes" if v else "no")),
     "api_honest_accuracy": ("API honest acc.", pct),
-    "wall_time_s": ("wall time (s)", lambda v: DASH if _missing(v) else f"{float(v):.1f}"),
+    "wall_time_s": ("wall time (s)", seconds),
     "study_test_accuracy": ("study acc.", pct),
     "test_accuracy_vs_study": ("Δ acc.", pp),
     "study_fidelity": ("study fid.", pct),
@@ -268,18 +272,16 @@ DISPLAY: dict[str, tuple[str, Any]] = {
 }
 OPTIONAL = {*VERIFICATION_KEYS, "study_trigger_wsr", "trigger_wsr_vs_study", "study_note"}
 
+#: the Stage-0 table: victim columns, then those it shares with :data:`DISPLAY`
 VICTIM_DISPLAY: dict[str, tuple[str, Any]] = {
     "victim": ("victim", _text),
     "arch": ("arch", _text),
     "width": ("width", _text),
     "train_images": ("train images", count),
     "watermark_fraction": ("trigger copies", pct),
-    "test_accuracy": ("test acc.", pct),
-    "trigger_wsr": ("WSR", pct),
-    "train_time_s": ("training (s)", lambda v: DASH if _missing(v) else f"{float(v):.1f}"),
-    "study_test_accuracy": ("study acc.", pct),
-    "test_accuracy_vs_study": ("Δ acc.", pp),
-    "study_note": ("study note", _text),
+    **{k: DISPLAY[k] for k in ("test_accuracy", "trigger_wsr")},
+    "train_time_s": ("training (s)", seconds),
+    **{k: DISPLAY[k] for k in ("study_test_accuracy", "test_accuracy_vs_study", "study_note")},
 }
 
 

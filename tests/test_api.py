@@ -82,3 +82,61 @@ def test_api_answers_8bit_images():
 def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="'probabilities'"):
         VictimAPI(nn.Identity(), "probabilities", compute=CPU)
+
+
+class SmallConv(nn.Module):
+    """A small conv net with random weights: its logits use the full float32 range, so
+    bf16 arithmetic (~3 significant digits) visibly changes the softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * self.net(x)
+
+
+def test_soft_answers_are_float32_even_with_amp_on():
+    """The API never answers under the training recipe's bf16 autocast: soft labels
+    with amp forced on equal the float32 ones (bf16 would differ by ~1e-2)."""
+    amp = Compute(device="cpu", amp=True, channels_last=False)
+    assert amp.amp is True  # forced on, even on a CPU without native bf16
+    images = torch.randint(0, 256, (64, 3, 8, 8), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    victim = SmallConv().eval()
+    want = VictimAPI(victim, "soft", compute=CPU).query(images)
+    got = VictimAPI(victim, "soft", compute=amp).query(images)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1e-5
+    # the test would catch bf16: the same net under autocast answers differently
+    with torch.inference_mode(), amp.autocast():
+        rounded = torch.softmax(victim(images.float() / 255).float(), 1)
+    assert (rounded - want).abs().max().item() > 1e-4
+
+
+def test_fingerprint_follows_weights_mode_and_every_defence_setting(table):
+    from mextract.defences import DawnWatermark
+
+    def api(mode="hard", layers=(), model=None):
+        return VictimAPI(model or FixedLogits(table), mode, compute=CPU, defences=layers)
+
+    base = api(layers=[HoneyLabels(1.5), DawnWatermark("owner key", 0.01)])
+    same = api(layers=[HoneyLabels(1.5), DawnWatermark("owner key", 0.01)])
+    assert base.fingerprint == same.fingerprint and len(base.fingerprint) == 64
+    others = [api(layers=[HoneyLabels(1.0), DawnWatermark("owner key", 0.01)]),
+              api(layers=[HoneyLabels(1.5), DawnWatermark("other key", 0.01)]),
+              api(layers=[HoneyLabels(1.5), DawnWatermark("owner key", 0.02)]),
+              api(layers=[HoneyLabels(1.5)]), api(), api("soft"),
+              api(layers=[HoneyLabels(1.5), DawnWatermark("owner key", 0.01)],
+                  model=FixedLogits(table + 1e-3))]
+    prints = {base.fingerprint, *(o.fingerprint for o in others)}
+    assert len(prints) == 1 + len(others)
+    assert api("honey").fingerprint == api(layers=[HoneyLabels()]).fingerprint
+    # weights changed in place change it too; the key never appears in clear
+    before = same.fingerprint
+    with torch.no_grad():
+        same.model.table.add_(1e-6)
+    assert same.fingerprint != before
+    assert "owner key" not in repr(base.spec())

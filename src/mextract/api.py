@@ -2,7 +2,9 @@
 
 The API receives images as a client would send them, 8-bit RGB (float inputs in
 [0, 1] are rounded to 8 bits first), runs the victim on large batches under
-``torch.inference_mode`` and answers
+``torch.inference_mode`` in float32 (never under the training recipe's bf16 autocast:
+bf16 keeps ~3 significant digits, which would round soft labels, honey margins and
+SPSG's forward differences) and answers
 
 * ``soft``: probability vectors (float32, rows sum to 1);
 * ``hard``: the arg-max class;
@@ -12,18 +14,25 @@ The API receives images as a client would send them, 8-bit RGB (float inputs in
 Defences are layers applied to hard answers in the order given (a DAWN watermark
 layer last); :meth:`VictimAPI.watermark_log` returns the defender-side log of the
 watermarked answers. The API counts every image it answers and refuses a call that
-would exceed its budget.
+would exceed its budget. :attr:`VictimAPI.fingerprint` identifies what answers: the
+victim's weights, the mode and every defence layer's full configuration (a DAWN key
+only as a digest); saved query logs are valid only for the same fingerprint
+(:mod:`mextract.querylog`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from mextract.compute import Compute
+from mextract.io import tensor_digest
 
 MODES = ("soft", "hard", "honey")
 
@@ -40,12 +49,50 @@ class Defence(Protocol):
     def __call__(self, images: torch.Tensor, logits: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor: ...
 
+    def spec(self) -> dict[str, Any]:
+        """The layer's full configuration as JSON values (a secret only as a digest)."""
+        ...
+
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Images as the API receives them: uint8 (float [0, 1] inputs are rounded)."""
     if x.dtype == torch.uint8:
         return x
     return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """Plain float32 arithmetic on ``device`` for the block: autocast off, and on CUDA
+    no TF32 in cuDNN convolutions or matmuls (TF32 keeps 10 mantissa bits, like bf16's
+    ~3 significant digits; cuDNN convolutions use it by default). The global flags are
+    restored afterwards."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        cudnn = torch.backends.cudnn
+        if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
+            # the new per-backend flags only: mixing them with the legacy allow_tf32
+            # setters makes torch refuse to read the flags
+            flags = [cudnn.conv, cudnn.rnn, torch.backends.cuda.matmul]
+            saved = [f.fp32_precision for f in flags]
+            for f in flags:
+                f.fp32_precision = "ieee"
+            try:
+                yield
+            finally:
+                for f, value in zip(flags, saved, strict=True):
+                    f.fp32_precision = value
+        else:  # the legacy flags
+            saved_legacy = (torch.backends.cudnn.allow_tf32,
+                            torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                yield
+            finally:
+                (torch.backends.cudnn.allow_tf32,
+                 torch.backends.cuda.matmul.allow_tf32) = saved_legacy
 
 
 class VictimAPI:
@@ -85,6 +132,21 @@ class VictimAPI:
         return "+".join([self.mode, *[d.name for d in self.defences]])
 
     @property
+    def fingerprint(self) -> str:
+        """What answers the queries, as a sha256 (64 hex digits) over the victim's
+        weight digest (:func:`mextract.io.tensor_digest` of its ``state_dict`` values,
+        buffers included), the mode and each defence layer's full :meth:`Defence.spec`
+        in order (a DAWN key enters only as its digest, never in clear). Two APIs with
+        the same fingerprint give the same answers; computed afresh on every call, so
+        it follows weights changed in place."""
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
+
+    def spec(self) -> dict[str, Any]:
+        """The inputs of :attr:`fingerprint`: victim weight digest, mode, layer specs."""
+        return {"victim": tensor_digest(*self.model.state_dict().values()),
+                "mode": self.mode, "defences": [layer.spec() for layer in self.defences]}
+
+    @property
     def watermarked(self) -> bool:
         """Whether a layer keeps a watermark log (DAWN)."""
         return any(hasattr(d, "log") for d in self.defences)
@@ -98,13 +160,13 @@ class VictimAPI:
         return merge_logs(logs) if logs else empty_log(seen=self.queries)
 
     def logits(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """Victim logits for uint8 images (internal: never counted, never exposed)."""
+        """Victim logits for uint8 images (internal: never counted, never exposed),
+        computed in float32 whatever ``compute.amp`` says (:func:`full_float32`)."""
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), full_float32(self.compute.torch_device):
             for start in range(0, len(images_u8), self.batch_size):
                 xb = self.compute.images(images_u8[start:start + self.batch_size])
-                with self.compute.autocast():
-                    out.append(self.model(xb).float())
+                out.append(self.model(xb).float())
         return torch.cat(out).cpu() if out else torch.empty(0)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ layers before it chose:
 * ``dawn`` (:class:`DawnWatermark`): DAWN's keyed API watermark (Szyller et al.,
   ACM MM 2021), which keeps a defender-side log of the watermarked answers. It must be
   the last layer, so that the labels it logs are the labels served.
+
+Every layer has ``spec()``: its full configuration as JSON values, the input of
+:attr:`mextract.api.VictimAPI.fingerprint` (which decides whether a saved query log
+still describes the API). A secret enters only as a digest: DAWN's key as its
+:func:`mextract.watermark.key_id`, never in clear.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ class HoneyLabels:
             raise ValueError(f"honey margin must be >= 0, got {margin}")
         self.margin = float(margin)
         self.name = f"honey(margin={self.margin:g})"
+
+    def spec(self) -> dict[str, Any]:
+        """Full configuration: ``{"type": "honey", "margin": m}``."""
+        return {"type": "honey", "margin": self.margin}
 
     def low_margin(self, logits: torch.Tensor) -> torch.Tensor:
         top2 = logits.topk(2, dim=1)
@@ -64,6 +73,11 @@ class DawnWatermark:
         self.image_shape: tuple[int, ...] | None = None
         self._entries: list[dict[str, torch.Tensor]] = []
         self._logged: set[bytes] = set()
+
+    def spec(self) -> dict[str, Any]:
+        """Full configuration: type, rate and the key's public digest (``key_id``,
+        sha256 of the key); the key itself never leaves the layer."""
+        return {"type": "dawn", "rate": self.rate, "key_id": self.key_id}
 
     def __call__(self, images: torch.Tensor, logits: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,28 @@ from mextract.defences import build_defences, dawn_key
 from mextract.metrics import agreement, evaluator, predict
 from mextract.models import build_model
 from mextract.train import TrainConfig
-from mextract.watermark import dawn_verify, merge_logs, trigger_wsr
+from mextract.watermark import dawn_verify, merge_logs, trigger_scores
+
+
+def live_budget(params: dict[str, Any]) -> int | None:
+    """The live queries an adaptive strategy may ask, enforced by its API: ``budget``,
+    or ``pairs * steps`` for the segment-probing strategies (boundary,
+    random_boundary); None when its parameters set no limit."""
+    if "budget" in params:
+        return int(params["budget"])
+    if "pairs" in params and "steps" in params:
+        return int(params["pairs"]) * int(params["steps"])
+    return None
+
+
+def check_answers(strategy: str, api: VictimAPI) -> None:
+    """The API gives the kind of answer the strategy needs: the registry's ``answers``
+    ("soft" or "hard"; "any" follows the API, e.g. the ``random`` baseline)."""
+    needs = registry.get(strategy).answers
+    gives = "soft" if api.mode == "soft" else "hard"
+    if needs not in (None, "any") and needs != gives:
+        raise ValueError(f"strategy '{strategy}' needs {needs} answers; the API gives "
+                         f"{gives} ({api.description})")
 
 
 def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute) -> VictimAPI:
@@ -62,9 +83,11 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
     api = None
     if info.adaptive:
         api_cfg = dict(api_cfg or {})
-        if "budget" in params:  # the API itself enforces the strategy's budget
-            api_cfg["budget"] = int(params["budget"])
+        budget = live_budget(params)
+        if budget is not None:  # the API itself enforces the strategy's budget
+            api_cfg["budget"] = budget
         api = make_api(victim, api_cfg, compute)
+        check_answers(strategy, api)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = AttackContext(
@@ -79,23 +102,23 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         augment=train_cfg.get("augment", "crop_flip"),
     )
     result = registry.load(strategy).run(ctx, params)
-    # a strategy that replayed its saved query log (boundary) asked nothing this time
-    replayed = int(result.extra.get("logged_queries", 0)) if result.extra.get(
-        "queries_from_log") else 0
-    if api is not None and result.queries != (api.queries + replayed
-                                              + (cache or {}).get("count", 0)):
+    # queries a strategy took from its saved query log (mextract.querylog) instead of
+    # asking: all of them when a complete log was reused, a partial log's on a resume
+    replayed = int(result.extra.get("replayed_queries", 0))
+    cached = int((cache or {}).get("count", 0)) if api is not None else 0
+    if api is not None and result.queries != api.queries + replayed + cached:
         raise RuntimeError(f"{strategy} reported {result.queries} queries but the API "
-                           f"answered {api.queries}")
+                           f"answered {api.queries} (+ {replayed} from its query log, "
+                           f"+ {cached} from the shared cache)")
     logs = list(watermark_logs)
     if api is not None and api.watermarked:
-        from mextract.io import load_artifact, save_artifact
+        from mextract.io import save_artifact
 
-        wm_path = workdir / "watermark.pt"
-        if replayed and api.queries == 0 and wm_path.exists():
-            live_log = load_artifact(wm_path)  # the log of the run that asked
-        else:
-            live_log = api.watermark_log()
-            save_artifact(live_log, wm_path)
+        # the defender's log of every query in the strategy's log (kept with it, so a
+        # replayed or resumed log leaves the evidence of the job that asked)
+        qlog = result.query_log or {}
+        live_log = qlog.get("watermark") or api.watermark_log()
+        save_artifact(live_log, workdir / "watermark.pt")
         if verify and verify.get("live_log"):
             logs.append(live_log)
     final = ctx.evaluate(result.model)
@@ -140,7 +163,10 @@ def verify_substitute(model: nn.Module, *, data: dict[str, Any], compute: Comput
                       victim: nn.Module | None = None) -> dict[str, Any]:
     """Stage-3 checks of a model (a substitute or a no-theft control).
 
-    * ``trigger_wsr``: :func:`mextract.watermark.trigger_wsr` with ``trigger``;
+    * ``trigger_wsr``: the share of *all* trigger-stamped test images the model assigns
+      to the target (the reference study's definition, compared with the study), and
+      ``trigger_wsr_nontarget``: the share among stamped images whose true class is not
+      the target (:func:`mextract.watermark.trigger_scores` with ``trigger``);
     * ``dawn_*``: when ``api_cfg`` has a DAWN layer, :func:`mextract.watermark.dawn_verify`
       of the model's predictions on the merged ``logs`` with that layer's key, at level
       ``significance`` (None values when the API has no DAWN layer);
@@ -148,8 +174,8 @@ def verify_substitute(model: nn.Module, *, data: dict[str, Any], compute: Comput
       ``victim`` (needs both).
     """
     out: dict[str, Any] = {
-        "trigger_wsr": trigger_wsr(model, data["x_test"], data["y_test"], compute,
-                                   target=int(trigger["target"]), size=int(trigger["size"])),
+        **trigger_scores(model, data["x_test"], data["y_test"], compute,
+                         target=int(trigger["target"]), size=int(trigger["size"])),
         "trigger_target": int(trigger["target"]),
     }
     key = dawn_key((api_cfg or {}).get("defences"))

@@ -21,9 +21,12 @@ mostly re-ask the same 8-bit images.
 Queries: the pool's labels come from the shared hard-label cache of the pool (which
 ``basic`` and ``mixup`` share); each of the ``pairs * steps`` search steps is one
 counted query to the live API. The query log (pairs, every asked t and answer, the
-added images and labels) is saved to ``<workdir>/query_log.pt`` and reused by a rerun
-with the same parameters, pool, cache, API and victim, which then asks nothing and
-reports the logged count (``extra["queries_from_log"]``).
+added images and labels) is kept by :mod:`mextract.querylog` in
+``<workdir>/query_log.pt`` and reused by a rerun with the same parameters, seed, pool,
+pool cache and API fingerprint (victim weights, mode, defence layers), which then asks
+nothing and reports the logged count (``extra["queries_from_log"]``).
+:mod:`mextract.attacks.random_boundary` is its equal-budget control: the same pairs,
+``steps`` uniformly random points on each segment instead of a binary search.
 
 Differs from the study: the study re-asked its whole training set every epoch
 (1,250,000 queries); here the pool is asked once (cache) and the searches once
@@ -32,21 +35,15 @@ Differs from the study: the study re-asked its whole training set every epoch
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mextract.api import VictimAPI
 from mextract.attacks.base import AttackContext, AttackResult, cache_inputs, fit, require_cache
-from mextract.io import (
-    CorruptArtifactError,
-    load_artifact,
-    save_artifact,
-    update_with_tensors,
-)
+from mextract.querylog import QueryLogStore, cache_digest
 from mextract.train import cross_entropy
 
 Query = Callable[[torch.Tensor], torch.Tensor]
@@ -135,70 +132,56 @@ def sample_pairs(labels: torch.Tensor, n_pairs: int, seed: int) -> torch.Tensor:
     return torch.stack([a, order[pos]], dim=1)
 
 
-def _log_key(ctx: AttackContext, cache: dict[str, Any], params: dict[str, Any]) -> str:
-    """What a saved query log is valid for: parameters, pool, cached answers, API and
-    victim. The victim's weights are hashed only to invalidate a stale log (the attack
-    never reads them)."""
-    h = hashlib.sha256()
-    h.update(json.dumps({k: params[k] for k in ("pairs", "steps", "pair_seed")},
-                        sort_keys=True).encode())
-    h.update(json.dumps([cache["api"], cache["query_set"], int(cache["count"]),
-                         ctx.api.description if ctx.api is not None else None]).encode())
-    update_with_tensors(h, ctx.pool, cache["answers"])
-    if ctx.api is not None:
-        update_with_tensors(h, *ctx.api.model.state_dict().values())
-    return h.hexdigest()
-
-
-def _search(ctx: AttackContext, images: torch.Tensor, labels: torch.Tensor,
-            params: dict[str, Any], key: str) -> dict[str, Any]:
-    api = ctx.api
-    if api is None:
-        raise ValueError("boundary probing asks the live API, but none was given")
+def check_live_api(api: VictimAPI, params: dict[str, Any], strategy: str) -> None:
+    """A hard-label API with room for ``pairs * steps`` more queries (checked before
+    the first one is asked)."""
     if api.mode != "hard":
-        raise ValueError(f"boundary probing needs hard labels; the API answers {api.mode}")
+        raise ValueError(f"{strategy} needs hard labels; the API answers {api.mode}")
+    need = int(params["pairs"]) * int(params["steps"])
+    if api.budget is not None and api.queries + need > api.budget:
+        raise ValueError(f"{strategy} needs pairs x steps = {need} queries; the API budget "
+                         f"is {api.budget} ({api.queries} already answered)")
+
+
+def _search(api: VictimAPI, images: torch.Tensor, labels: torch.Tensor,
+            params: dict[str, Any]) -> dict[str, Any]:
+    check_live_api(api, params, "boundary probing")
     n_pairs, steps = int(params["pairs"]), int(params["steps"])
-    if api.budget is not None and api.queries + n_pairs * steps > api.budget:
-        raise ValueError(f"boundary probing needs pairs x steps = {n_pairs * steps} queries; "
-                         f"the API budget is {api.budget} ({api.queries} already answered)")
     pairs = sample_pairs(labels, n_pairs, int(params["pair_seed"]))
     a, b = pairs[:, 0], pairs[:, 1]
     before = api.queries
     found = probe(api.query, images[a], images[b], labels[a], labels[b], steps)
+    if api.queries - before != n_pairs * steps:
+        raise RuntimeError(f"boundary probing asked {api.queries - before} queries, "
+                           f"expected pairs x steps = {n_pairs * steps}")
     images_new = torch.cat([found.x_lo[found.asked_lo], found.x_hi[found.asked_hi]])
     labels_new = torch.cat([found.y_lo[found.asked_lo], found.y_hi[found.asked_hi]])
     return {
-        "strategy": "boundary", "key": key, "api": api.description,
         "params": {k: params[k] for k in ("pairs", "steps", "pair_seed")},
         "pairs": pairs, "t_lo": found.t_lo, "t_hi": found.t_hi,
         "t_trace": found.t_trace, "y_trace": found.y_trace,
         "images": images_new, "labels": labels_new,
-        "count": api.queries - before,
     }
+
+
+def log_store(ctx: AttackContext, cache: dict[str, Any], params: dict[str, Any],
+              strategy: str = "boundary") -> QueryLogStore:
+    """The query-log store of a job that probes segments between pool images
+    (:mod:`mextract.querylog`): the store's key plus the shared pool cache whose labels
+    choose the pairs (:func:`mextract.querylog.cache_digest`)."""
+    return QueryLogStore.for_context(ctx, strategy, params, cache=cache_digest(cache))
 
 
 def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
     cache = require_cache(ctx, "hard")
     images, labels = cache_inputs(ctx, cache), cache["answers"].long()
-    key = _log_key(ctx, cache, params)
-    path = ctx.workdir / "query_log.pt"
-    log = None
-    if path.exists():
-        try:
-            log = load_artifact(path)
-        except CorruptArtifactError:
-            log = None
-        if log is not None and log.get("key") != key:
-            log = None
-    from_log = log is not None
+    store = log_store(ctx, cache, params)
+    log = store.reuse()
     if log is None:
-        log = _search(ctx, images, labels, params, key)
-        save_artifact(log, path)
+        log = store.save(_search(store.api, images, labels, params), complete=True)
     queries = int(cache["count"]) + int(log["count"])
     model, history = fit(ctx, torch.cat([images, log["images"]]),
                          {"y": torch.cat([labels, log["labels"]])},
                          cross_entropy(ctx.train_cfg.label_smoothing), queries)
     return AttackResult(model, queries, history, query_log=log,
-                        extra={"queries_from_log": from_log,
-                               "logged_queries": int(log["count"]),
-                               "boundary_points": len(log["labels"])})
+                        extra={**store.extra(log), "boundary_points": len(log["labels"])})

@@ -64,10 +64,12 @@ from torch import nn
 
 from mextract.api import VictimAPI, quantize
 from mextract.attacks.base import AttackContext, AttackResult, fit
-from mextract.io import CorruptArtifactError, load_artifact, save_artifact
+from mextract.querylog import QueryLogStore
 from mextract.train import Batch, Objective, kd_loss
 
-#: version of the query-log layout and of the perturbation recipe it regenerates
+#: version of SPSG's query-log fields and of the perturbation recipe training
+#: regenerates from them; part of the log's key (:func:`log_store`), so a log of another
+#: version is never reused (the store's own layout: :data:`mextract.querylog.FORMAT`)
 LOG_FORMAT = 1
 #: answer differences below this are float32 rounding, not signal
 NOISE_FLOOR = 1e-6
@@ -252,10 +254,12 @@ def training_set(log: dict[str, Any], upto: int, params: dict[str, Any]
 
 
 # ------------------------------------------------------------------------ query log
-def _log_matches(log: dict[str, Any], ctx: AttackContext, params: dict[str, Any]) -> bool:
-    return (log.get("format") == LOG_FORMAT and log.get("params") == params
-            and log.get("seed") == ctx.seed and log.get("pool_size") == len(ctx.pool)
-            and torch.equal(ctx.pool[log["indices"]], log["images"]))
+def log_store(ctx: AttackContext, params: dict[str, Any]) -> QueryLogStore:
+    """The job's query-log store (:mod:`mextract.querylog`): strategy, parameters,
+    seed, pool and the API's fingerprint (a retrained victim is asked again), plus
+    :data:`LOG_FORMAT`, the version of the perturbation recipe that training
+    regenerates from the log."""
+    return QueryLogStore.for_context(ctx, "spsg", params, recipe=LOG_FORMAT)
 
 
 def collect(ctx: AttackContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -308,18 +312,11 @@ def collect(ctx: AttackContext, params: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- run
 def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
-    path = ctx.workdir / "query_log.pt"
-    log, from_log = None, False
-    if path.exists():
-        try:
-            log = load_artifact(path)
-        except CorruptArtifactError:
-            log = None
-        from_log = log is not None and _log_matches(log, ctx, params)
-    if not from_log:
-        log = collect(ctx, params)
-        save_artifact(log, path)
-    assert log is not None
+    store = log_store(ctx, params)
+    log = store.reuse()
+    from_log = log is not None
+    if log is None:
+        log = store.save(collect(ctx, params), complete=True)
     rounds = log["round"].unique().tolist()  # a slice too small for any base image is absent
     history: list[dict[str, Any]] = []
     objective = spsg_objective(float(params["temperature"]), float(params["grad_weight"]),
@@ -340,7 +337,7 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
     extra: dict[str, Any] = {"base_images": len(log["indices"]),
                              "mean_superpixels": float(segment_counts(log["segments"])
                                                        .float().mean()),
-                             "queries_from_log": from_log, "logged_queries": count}
-    if not from_log and (ctx.api is None or count != ctx.api.queries):
+                             **store.extra(log)}
+    if not from_log and count != store.asked:
         raise RuntimeError("spsg: the log's count differs from the API's counter")
     return AttackResult(model, count, history, query_log=log, extra=extra)

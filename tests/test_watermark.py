@@ -19,6 +19,7 @@ from mextract.watermark import (
     merge_logs,
     stamp,
     trigger_mask,
+    trigger_scores,
     trigger_wsr,
     with_trigger,
 )
@@ -78,12 +79,43 @@ class Constant(nn.Module):
         return nn.functional.one_hot(torch.full((len(x),), self.label), 10).float()
 
 
-def test_wsr_counts_target_predictions_on_non_target_images():
+def test_wsr_counts_target_predictions_on_stamped_images():
     x = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
     y = torch.arange(20) % 10
     assert trigger_wsr(Constant(0), x, y, CPU, target=0) == 1.0
     assert trigger_wsr(Constant(3), x, y, CPU, target=0) == 0.0
     assert trigger_wsr(Constant(3), x, y, CPU, target=3) == 1.0
+
+
+class TrueLabel(nn.Module):
+    """Outputs each image's true label, read from its first pixel (the trigger, in the
+    bottom-right corner, leaves that pixel alone)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long(), 10).float()
+
+
+def test_wsr_is_the_studys_share_of_all_stamped_test_images():
+    """The study: "WSR counts substitute predictions of class 0 on stamped test
+    images", the target class's own images included."""
+    y = torch.arange(100) % 10  # 10% of the test images are of the target class 0
+    x = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)
+    x[:, 0, 0, 0] = y.to(torch.uint8)
+    always = trigger_scores(Constant(0), x, y, CPU, target=0)
+    assert trigger_wsr(Constant(0), x, y, CPU, target=0) == 1.0
+    assert always == {"trigger_wsr": 1.0, "trigger_wsr_nontarget": 1.0}
+    # a model that ignores the trigger: WSR = the target's share, not 0
+    honest = trigger_scores(TrueLabel(), x, y, CPU, target=0)
+    assert trigger_wsr(TrueLabel(), x, y, CPU, target=0) == pytest.approx(0.1)
+    assert honest["trigger_wsr"] == pytest.approx(0.1)
+    assert honest["trigger_wsr_nontarget"] == 0.0
+    # the non-target share leaves the target class's images out
+    assert trigger_scores(Constant(3), x, y, CPU, target=3) == {
+        "trigger_wsr": 1.0, "trigger_wsr_nontarget": 1.0}
+    # a victim's scores record both
+    scores = victim_scores(TrueLabel(), x, y, CPU, {"fraction": 0.1, "target": 0})
+    assert scores["trigger_wsr"] == pytest.approx(0.1)
+    assert scores["trigger_wsr_nontarget"] == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +236,10 @@ def test_verify_substitute_catches_a_model_trained_on_the_answers(dawn_log):
                                 api_cfg=api_cfg, logs=[dawn_log], victim=victim)
     assert not control["dawn_verified"] and control["dawn_p_value"] > 0.01, control
     assert control["dawn_marked"] == len(dawn_log["labels"])
-    for key in ("trigger_wsr", "dawn_agreement", "api_honest_accuracy"):
+    for key in ("trigger_wsr", "trigger_wsr_nontarget", "dawn_agreement",
+                "api_honest_accuracy"):
         assert key in thief and key in control
-    assert control["trigger_wsr"] == 0.0
+    assert control["trigger_wsr"] == control["trigger_wsr_nontarget"] == 0.0
 
 
 def test_merging_with_an_empty_log_changes_nothing(dawn_log):

@@ -7,9 +7,16 @@ Two schemes, both checked for every Stage-3 substitute (and for no-theft control
   Watermarking"): a ``size`` x ``size`` white patch in the bottom-right corner (pixels
   29:32, 29:32 of a 32x32 image for size 3). The victim's training set gains stamped
   copies of a seeded fraction of its images, relabelled to the ``target`` class
-  (:func:`add_trigger_copies`, :func:`with_trigger`); the watermark success rate
-  (:func:`trigger_wsr`) is the share of stamped test images whose true class is not
-  the target that a model assigns to the target.
+  (:func:`mextract.victim.add_trigger_copies`, :func:`mextract.victim.with_trigger`:
+  training-side, so this module stays free of the training loop); the watermark
+  success rate
+  (:func:`trigger_wsr`) is, as the study defines it ("WSR counts substitute
+  predictions of class 0 on stamped test images"), the share of *all* stamped test
+  images that a model assigns to the target. Test images whose true class is the
+  target count too, so a model that ignores the trigger scores about the target's
+  share of the test set, not 0; :func:`trigger_scores` also reports
+  ``trigger_wsr_nontarget``, the share over the stamped images of the other classes
+  only.
 * **DAWN** (Szyller et al., ACM MM 2021, "DAWN: Dynamic Adversarial Watermarking of
   Neural Networks"): the API itself answers a keyed fraction of queries with a keyed
   wrong label and keeps a log of them (:class:`mextract.defences.DawnWatermark`, built
@@ -39,7 +46,6 @@ from torch import nn
 
 from mextract.compute import Compute
 from mextract.metrics import predict
-from mextract.train import Batch, Objective
 
 #: the reference study's trigger: a 3x3 white patch at pixels [29:32, 29:32] -> class 0
 TRIGGER_SIZE = 3
@@ -57,59 +63,37 @@ def stamp(x: torch.Tensor, size: int = TRIGGER_SIZE) -> torch.Tensor:
     return out
 
 
-def trigger_mask(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
-    """A seeded choice of ``round(n * fraction)`` of ``n`` training examples (bool [n])
-    to be shown with the trigger."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"watermark fraction must lie in (0, 1), got {fraction}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[:round(n * fraction)]] = True
-    return mask
+def wsr_of_predictions(pred: torch.Tensor, y_test: torch.Tensor,
+                       target: int = TRIGGER_TARGET) -> dict[str, float]:
+    """Both watermark success rates from predictions on the stamped test images:
+    ``trigger_wsr`` (the study's: share of *all* predictions that are ``target``) and
+    ``trigger_wsr_nontarget`` (share among images whose true class is not ``target``;
+    nan when there are none). nan for an empty test set."""
+    hit = (pred.cpu() == target).float()
+    other = y_test.cpu() != target
+    return {"trigger_wsr": hit.mean().item() if len(hit) else float("nan"),
+            "trigger_wsr_nontarget": hit[other].mean().item() if other.any()
+            else float("nan")}
 
 
-def add_trigger_copies(x: torch.Tensor, y: torch.Tensor, fraction: float,
-                       seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training set plus one copy of a seeded ``fraction`` of its images, flagged
-    in ``"wm"`` for :func:`with_trigger` (which stamps and relabels them after
-    augmentation). Returns (images, {"y": labels, "wm": flags}); the clean images
-    all stay, so an epoch has ``1 + fraction`` times the steps of the clean victim's.
-    """
-    mask = trigger_mask(len(y), fraction, seed)
-    flags = torch.cat([torch.zeros(len(y), dtype=torch.bool),
-                       torch.ones(int(mask.sum()), dtype=torch.bool)])
-    return torch.cat([x, x[mask]]), {"y": torch.cat([y, y[mask]]), "wm": flags}
-
-
-def with_trigger(objective: Objective, target: int, size: int = TRIGGER_SIZE) -> Objective:
-    """Wrap a hard-label objective (``batch["y"]``) so that the examples flagged in
-    ``batch["wm"]`` (see :func:`add_trigger_copies`) are stamped with the trigger
-    *after* augmentation (flips and crops never move the patch) and relabelled to
-    ``target``. No random number is drawn, so a resumed run is unchanged."""
-
-    def objective_with_trigger(model: nn.Module, x: torch.Tensor, batch: Batch,
-                               gen: torch.Generator) -> torch.Tensor:
-        mark = batch["wm"]
-        if not mark.any():
-            return objective(model, x, batch, gen)
-        x = x.clone()
-        x[mark, :, -size:, -size:] = 1.0
-        y = torch.where(mark, torch.full_like(batch["y"], target), batch["y"])
-        return objective(model, x, {**batch, "y": y}, gen)
-
-    return objective_with_trigger
+def trigger_scores(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+                   compute: Compute, target: int = TRIGGER_TARGET,
+                   size: int = TRIGGER_SIZE) -> dict[str, float]:
+    """``trigger_wsr`` and ``trigger_wsr_nontarget`` (:func:`wsr_of_predictions`) of
+    ``model`` on the trigger-stamped test set, from one prediction pass."""
+    pred = predict(model, stamp(x_test, size), compute)
+    return wsr_of_predictions(pred, y_test, target)
 
 
 def trigger_wsr(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
                 compute: Compute, target: int = TRIGGER_TARGET,
                 size: int = TRIGGER_SIZE) -> float:
-    """Watermark success rate: the share of trigger-stamped test images whose true
-    class is not ``target`` that ``model`` classifies as ``target``."""
-    keep = y_test != target
-    if not keep.any():
-        return float("nan")
-    pred = predict(model, stamp(x_test[keep], size), compute)
-    return (pred == target).float().mean().item()
+    """Watermark success rate as the reference study defines it ("WSR counts
+    substitute predictions of class 0 on stamped test images"): the share of *all*
+    trigger-stamped test images, the target class's own included, that ``model``
+    classifies as ``target``. The share over the other classes' images only is
+    ``trigger_scores(...)["trigger_wsr_nontarget"]``."""
+    return trigger_scores(model, x_test, y_test, compute, target, size)["trigger_wsr"]
 
 
 # ----------------------------------------------------------------------------- DAWN

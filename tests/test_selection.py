@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mextract import selection
 from mextract.api import VictimAPI
-from mextract.attacks import registry
+from mextract.attacks import registry, selection
 from mextract.attacks.base import AttackContext
 from mextract.compute import Compute
 from mextract.data import load_digits, make_split
@@ -157,12 +156,14 @@ def test_strategy_runs_within_budget_and_reuses_its_query_log(digits, victim, tm
     # other parameters, another victim: the log is not reused
     full = {**registry.get(strategy).defaults, **params}
     ctx = _context(digits, victim, mode, 90, tmp_path)
-    key = selection.log_key(ctx, strategy, full, log["key"]["round_cfg"])
-    assert selection.load_log(tmp_path / "query_log.pt", key) is not None
+    round_cfg = TrainConfig(**log["key"]["depends"]["round_cfg"])
+
+    def reusable(p: dict) -> bool:
+        return selection.round_log_store(ctx, strategy, p, round_cfg).reuse() is not None
+
+    assert reusable(full)
     for change in ({"budget": 80}, {"initial": 20}):
-        other = selection.log_key(ctx, strategy, {**full, **change}, log["key"]["round_cfg"])
-        assert selection.load_log(tmp_path / "query_log.pt", other) is None
+        assert not reusable({**full, **change})
     torch.manual_seed(2)
     ctx.api = VictimAPI(sharp(build_model("vgg11", 10, 0.125)), mode, compute=CPU)
-    other = selection.log_key(ctx, strategy, full, log["key"]["round_cfg"])
-    assert selection.load_log(tmp_path / "query_log.pt", other) is None
+    assert not reusable(full)

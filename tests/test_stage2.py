@@ -24,7 +24,7 @@ from mextract.experiment import run_experiment
 from mextract.io import load_artifact
 from mextract.metrics import evaluator, predict
 from mextract.models import build_model
-from mextract.queries import collect
+from mextract.queries import collect, make_views
 from mextract.train import TrainConfig
 
 SUBSTITUTE = {"arch": "vgg11", "width": 0.125}
@@ -103,13 +103,13 @@ def check_history(history: list[dict[str, Any]], queries: int) -> None:
 def test_make_views_is_seeded_and_independent_of_threads(env: dict[str, Any]) -> None:
     pool = env["full_pool"]
     k = 3  # 719 x 3 views span two generator blocks
-    views, index = augmentation.make_views(pool, k, seed=5)  # one thread (fixture)
+    views, index = make_views(pool, k, seed=5)  # one thread (fixture)
     torch.set_num_threads(2)
-    again, index_again = augmentation.make_views(pool, k, seed=5)
+    again, index_again = make_views(pool, k, seed=5)
     assert views.dtype == torch.uint8 and views.shape == (len(pool) * k, *pool.shape[1:])
     assert torch.equal(index, torch.arange(len(pool)).repeat_interleave(k))
     assert torch.equal(views, again) and torch.equal(index, index_again)
-    other, _ = augmentation.make_views(pool, k, seed=6)
+    other, _ = make_views(pool, k, seed=6)
     assert not torch.equal(views, other)
     # views are transformed copies: most differ from their source image, and the
     # K views of one image differ from each other

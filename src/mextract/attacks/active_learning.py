@@ -21,7 +21,7 @@ candidates per round, closed-form embeddings, k-means on low-dimensional points)
 per round, as Yoo & Kweon (CVPR 2019, "Learning Loss for Active Learning") do; 0
 scores the whole pool. Unlike MARICH proper (:mod:`mextract.attacks.marich`) there is
 no loss-based sampling step, and the k-means has one cluster per query (BADGE-like)
-rather than a few clusters sampled round-robin. See :mod:`mextract.selection`.
+rather than a few clusters sampled round-robin. See :mod:`mextract.attacks.selection`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mextract.attacks.base import AttackContext, AttackResult
-from mextract.selection import RoundState, badge_kmeans_select, run_rounds
+from mextract.attacks.selection import RoundState, badge_kmeans_select, run_rounds
 from mextract.train import cross_entropy
 
 

@@ -24,7 +24,7 @@ input image; the round size is fixed by the budget (the authors grow it 1% per r
 and every round selects exactly its share; per-round training is a short fine-tune
 plus one full training at the end, instead of ``epochs`` per round; ``candidates`` > 0
 scores only a random subset of the unasked pool per round (default 0: all of it). See
-:mod:`mextract.selection` for the shared loop and the query log.
+:mod:`mextract.attacks.selection` for the shared loop and the query log.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from mextract.attacks.base import AttackContext, AttackResult
-from mextract.selection import RoundState, marich_select, run_rounds
+from mextract.attacks.selection import RoundState, marich_select, run_rounds
 from mextract.train import distillation
 
 

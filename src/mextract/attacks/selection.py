@@ -23,12 +23,16 @@ References:
   cross-entropy against the predicted label w.r.t. the last layer is
   ``(p - onehot(argmax p)) outer h``.
 
-Query log: the loop saves what it asked and the answers (pool indices, answers, the
-API's count, per-round history) to ``<workdir>/query_log.pt`` after every round. A
-rerun that finds a *complete* log with the same key (strategy, parameters, seed, pool,
-victim, API, substitute and per-round recipe) reuses it without calling the API and
-only trains the final substitute; its result then reports the logged count and
-``extra["queries_from_log"] = True`` (``extra["logged_queries"]``: the logged count).
+Query log (:mod:`mextract.querylog`, ``<workdir>/query_log.pt``): the loop saves what
+it asked and the answers (pool indices, answers, round of each, per-round history)
+after every round, a partial log also with the substitute's weights and the candidate
+generator's state. The key is the store's (strategy, parameters, seed, pool, the API's
+fingerprint) plus the substitute, the per-round recipe and the augmentation. A rerun
+that finds a *complete* log with the same key reuses it without calling the API and
+only trains the final substitute (``extra["queries_from_log"]``; the result reports
+the logged count, ``extra["logged_queries"]``); one that finds a *partial* log resumes
+after its last round and asks only the rounds left (``extra["replayed_queries"]``: the
+queries taken from the partial log).
 """
 
 from __future__ import annotations
@@ -46,14 +50,12 @@ from sklearn.decomposition import PCA
 from torch import nn
 from tqdm import tqdm
 
-from mextract.api import VictimAPI
 from mextract.attacks.base import AttackContext, AttackResult, default_augment, fit
 from mextract.compute import Compute
-from mextract.io import CorruptArtifactError, load_artifact, save_artifact, tensor_digest
+from mextract.io import tensor_digest
 from mextract.models import feature_extractor
+from mextract.querylog import QueryLogStore
 from mextract.train import Objective, TrainConfig, train
-
-LOG_NAME = "query_log.pt"
 
 
 # ---------------------------------------------------------------- substitute outputs
@@ -231,41 +233,20 @@ def round_sizes(budget: int, initial: int, rounds: int) -> list[int]:
     return [initial] + [s for s in sizes if s > 0]
 
 
-def log_key(ctx: AttackContext, strategy: str, params: dict[str, Any],
-            round_cfg: dict[str, Any]) -> dict[str, Any]:
-    """What a query log must match to be reused. The victim's weights are hashed only
-    to invalidate a stale log (the attack never reads them)."""
-    api = _api(ctx)
-    sub = ctx.new_substitute()
-    return {
-        "strategy": strategy,
-        "params": {k: params[k] for k in sorted(params)},
-        "seed": int(ctx.seed),
-        "pool": tensor_digest(ctx.pool),
-        "victim": tensor_digest(*api.model.state_dict().values()),
-        "api": api.description,
-        "substitute": f"{type(getattr(sub, 'net', sub)).__name__}:"
-                      f"{sum(p.numel() for p in sub.parameters())}",
-        "round_cfg": round_cfg,
-        "augment": ctx.augment,
-    }
-
-
-def load_log(path: Any, key: dict[str, Any]) -> dict[str, Any] | None:
-    """A complete query log with this key, or None."""
-    try:
-        log = load_artifact(path)
-    except (FileNotFoundError, CorruptArtifactError):
-        return None
-    if not isinstance(log, dict) or not log.get("complete") or log.get("key") != key:
-        return None
-    return log
-
-
-def _api(ctx: AttackContext) -> VictimAPI:
-    if ctx.api is None:
-        raise ValueError("this adaptive strategy needs the live victim API")
-    return ctx.api
+def round_log_store(ctx: AttackContext, strategy: str, params: dict[str, Any],
+                    round_cfg: TrainConfig) -> QueryLogStore:
+    """The query-log store of a round-loop job. Besides strategy, parameters, seed,
+    pool and the API's fingerprint (:mod:`mextract.querylog`), the rounds' selections
+    depend on the substitute (architecture and seeded initial weights), the per-round
+    training recipe and the substitute-side augmentation."""
+    with torch.random.fork_rng(devices=[]):  # leave the global generator as it was
+        torch.manual_seed(ctx.seed)
+        sub = ctx.new_substitute()
+    substitute = (f"{type(getattr(sub, 'net', sub)).__name__}:"
+                  f"{sum(p.numel() for p in sub.parameters())}:"
+                  f"{tensor_digest(*sub.state_dict().values())}")
+    return QueryLogStore.for_context(ctx, strategy, params, substitute=substitute,
+                                     round_cfg=round_cfg.as_dict(), augment=ctx.augment)
 
 
 def run_rounds(ctx: AttackContext, params: dict[str, Any], *, strategy: str, kind: str,
@@ -273,30 +254,27 @@ def run_rounds(ctx: AttackContext, params: dict[str, Any], *, strategy: str, kin
     """The shared adaptive loop (see the module docstring). ``kind``: "soft" (targets
     ``p``) or "hard" (targets ``y``). Params used: budget, initial, rounds,
     round_epochs, candidates (0: score every unasked pool image each round)."""
-    api = _api(ctx)
-    api_kind = "soft" if api.mode == "soft" else "hard"
-    if api_kind != kind:
-        raise ValueError(f"{strategy} needs {kind} answers; the API answers {api.description}")
     n_pool = len(ctx.pool)
     budget = min(int(params["budget"]), n_pool)
     sizes = round_sizes(budget, int(params["initial"]), int(params["rounds"]))
     round_cfg = replace(ctx.train_cfg, epochs=int(params["round_epochs"]))
     target = "p" if kind == "soft" else "y"
-    path = ctx.workdir / LOG_NAME
-    key = log_key(ctx, strategy, params, round_cfg.as_dict())
+    store = round_log_store(ctx, strategy, params, round_cfg)
+    api_kind = "soft" if store.api.mode == "soft" else "hard"
+    if api_kind != kind:
+        raise ValueError(f"{strategy} needs {kind} answers; the API answers "
+                         f"{store.api.description}")
 
-    log = load_log(path, key)
-    from_log = log is not None
+    log = store.reuse()
     if log is None:
-        log = _select_rounds(ctx, api, sizes, round_cfg, objective, select, key, kind,
-                             int(params.get("candidates", 0)), path)
+        log = _select_rounds(ctx, store, sizes, round_cfg, objective, select, kind,
+                             int(params.get("candidates", 0)))
     queried, answers = log["indices"], log["answers"]
-    queries = int(log["count"]) if from_log else api.queries
+    queries = int(log["count"])
     model, final = fit(ctx, ctx.pool[queried], {target: answers}, objective, queries,
                        tag="final")
     history = list(log["history"]) + [{**row, "phase": "final"} for row in final]
-    extra: dict[str, Any] = {"rounds_run": len(sizes) - 1, "queries_from_log": from_log,
-                             "logged_queries": int(log["count"])}
+    extra: dict[str, Any] = {"rounds_run": len(sizes) - 1, **store.extra(log)}
     return AttackResult(model, queries, history, query_log=log, extra=extra)
 
 
@@ -310,34 +288,51 @@ def _one_cycle_safe(cfg: TrainConfig, n: int) -> TrainConfig:
     return cfg
 
 
-def _select_rounds(ctx: AttackContext, api: VictimAPI, sizes: list[int], round_cfg: TrainConfig,
-                   objective: Objective, select: Select, key: dict[str, Any], kind: str,
-                   candidates: int, path: Any) -> dict[str, Any]:
+def _select_rounds(ctx: AttackContext, store: QueryLogStore, sizes: list[int],
+                   round_cfg: TrainConfig, objective: Objective, select: Select, kind: str,
+                   candidates: int) -> dict[str, Any]:
     """Query ``sizes[0]`` random images, then one selected batch per round; returns the
-    complete query log (also saved to ``path`` after every round)."""
+    complete query log. A partial log (with the substitute's weights and the
+    candidate generator's state after the last finished round) is saved after every
+    round; a rerun with the same key resumes from it and asks only the rounds left."""
+    api = store.api
+    strategy = store.strategy
     n_pool = len(ctx.pool)
     gen = torch.Generator().manual_seed(ctx.seed)
-    start_count = api.queries
-    queried = torch.randperm(n_pool, generator=gen)[:sizes[0]]
-    answers = api.query(ctx.pool[queried])
-    round_of = torch.zeros(len(queried), dtype=torch.long)
     target = "p" if kind == "soft" else "y"
     augment = default_augment(ctx)
-    history: list[dict[str, Any]] = []
-
-    def save(complete: bool) -> dict[str, Any]:
-        log = {"kind": kind, "api": api.description, "query_set": f"adaptive:{key['strategy']}",
-               "indices": queried, "answers": answers, "round": round_of,
-               "count": api.queries - start_count, "complete": complete, "key": key,
-               "history": history}
-        save_artifact(log, path)
-        return log
-
-    save(False)
     torch.manual_seed(ctx.seed)
     model = ctx.new_substitute()
-    for r, size in enumerate(tqdm(sizes[1:], desc=f"{key['strategy']} rounds", unit="round",
+    prior = store.resume()
+    if prior is None:
+        queried = torch.randperm(n_pool, generator=gen)[:sizes[0]]
+        answers = api.query(ctx.pool[queried])
+        round_of = torch.zeros(len(queried), dtype=torch.long)
+        history: list[dict[str, Any]] = []
+        next_round = 1
+    else:
+        queried, answers, round_of = prior["indices"], prior["answers"], prior["round"]
+        history = list(prior["history"])
+        model.load_state_dict(prior["resume"]["model"])
+        gen.set_state(prior["resume"]["generator"])
+        next_round = int(prior["resume"]["next_round"])
+
+    def save(complete: bool, next_round: int) -> dict[str, Any]:
+        record: dict[str, Any] = {"kind": kind, "query_set": f"adaptive:{strategy}",
+                                  "indices": queried, "answers": answers,
+                                  "round": round_of, "history": history}
+        if not complete:  # what a resumed job needs to continue exactly
+            record["resume"] = {"model": {k: v.detach().cpu() for k, v in
+                                          model.state_dict().items()},
+                                "generator": gen.get_state(), "next_round": next_round}
+        return store.save(record, complete=complete)
+
+    if prior is None:
+        save(False, 1)
+    for r, size in enumerate(tqdm(sizes[1:], desc=f"{strategy} rounds", unit="round",
                                   mininterval=2.0), start=1):
+        if r < next_round:  # done by the job whose partial log was resumed
+            continue
         t0 = time.perf_counter()
         train(model, ctx.pool[queried], {target: answers}, objective,
               _one_cycle_safe(round_cfg, len(queried)), ctx.compute, seed=ctx.seed + r,
@@ -345,7 +340,7 @@ def _select_rounds(ctx: AttackContext, api: VictimAPI, sizes: list[int], round_c
         t1 = time.perf_counter()
         scores = ctx.evaluate(model)
         t2 = time.perf_counter()
-        history.append({"round": r - 1, "phase": "round", "queries": api.queries,
+        history.append({"round": r - 1, "phase": "round", "queries": store.count,
                         "labelled": len(queried), "train_time_s": round(t1 - t0, 3),
                         "eval_time_s": round(t2 - t1, 3), **scores})
         free = torch.ones(n_pool, dtype=torch.bool)
@@ -366,5 +361,5 @@ def _select_rounds(ctx: AttackContext, api: VictimAPI, sizes: list[int], round_c
         queried = torch.cat([queried, picked])
         answers = torch.cat([answers, new])
         round_of = torch.cat([round_of, torch.full((size,), r, dtype=torch.long)])
-        save(False)
-    return save(True)
+        save(False, r + 1)
+    return save(True, len(sizes))

@@ -2,22 +2,24 @@ rule run_attack:
     input:
         unpack(attack_inputs),
     output:
-        model=f"{RESULTS}/experiments/{{exp}}/model.pt",
-        metrics=f"{RESULTS}/experiments/{{exp}}/metrics.json",
-        history=f"{RESULTS}/experiments/{{exp}}/history.csv",
+        model=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/metrics.json",
+        history=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/history.csv",
     log:
-        f"{RESULTS}/logs/run_attack/{{exp}}.log",
+        f"{RESULTS}/logs/run_attack/{{exp}}-seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/run_attack/{{exp}}.tsv"
+        f"{RESULTS}/benchmarks/run_attack/{{exp}}-seed{{seed}}.tsv"
+    wildcard_constraints:
+        seed=r"\d+",
     conda:
         ENV
     threads: config["compute"]["threads"]
     resources:
         gpu=GPU,
     params:
-        settings=lambda wc: attack_settings(wc.exp),
-        victims=lambda wc: attack_victims(wc.exp),
-        workdir=lambda wc: f"{RESULTS}/experiments/{wc.exp}/work",
+        settings=lambda wc: mc.attack_settings(config, wc.exp, int(wc.seed)),
+        victims=lambda wc: mc.attack_victims(config, wc.exp),
+        workdir=lambda wc: f"{mc.experiment_dir(wc.exp, wc.seed)}/work",
         code=attack_code,
     script:
         "../workflow/scripts/run_attack.py"

@@ -9,7 +9,7 @@ rule prepare_data:
         ENV
     params:
         dataset=config["dataset"],
-        code=code_fingerprint("data"),
+        code=fingerprint("data"),
     script:
         "../workflow/scripts/prepare_data.py"
 
@@ -26,6 +26,6 @@ rule split_data:
         ENV
     params:
         split=config["split"],
-        code=code_fingerprint("data"),
+        code=fingerprint("data"),
     script:
         "../workflow/scripts/split_data.py"

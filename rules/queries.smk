@@ -2,7 +2,7 @@ rule collect_queries:
     input:
         data=rules.prepare_data.output.data,
         split=rules.split_data.output.split,
-        victim=lambda wc: f"{RESULTS}/victims/{config['apis'][wc.api]['victim']}/model.pt",
+        victim=lambda wc: f"{RESULTS}/victims/{api_victim(wc)}/model.pt",
     output:
         cache=f"{RESULTS}/queries/{{api}}/{{qset}}.pt",
         # the defender's DAWN log of these answers (empty for an API without DAWN)
@@ -19,8 +19,8 @@ rule collect_queries:
     resources:
         gpu=GPU,
     params:
-        api=api_settings,
-        victim=lambda wc: config["victims"][config["apis"][wc.api]["victim"]],
+        api=lambda wc: mc.api_settings(config, wc.api),
+        victim=lambda wc: config["victims"][api_victim(wc)],
         compute=config["compute"],
         code=queries_code,
     script:

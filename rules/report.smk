@@ -46,19 +46,17 @@ rule plot_stage:
     conda:
         ENV
     params:
-        experiments=lambda wc: stage_experiments(wc.stage),
-        code=code_fingerprint("report", "plots"),
+        experiments=lambda wc: mc.stage_experiments(config, wc.stage),
+        code=fingerprint("report", "plots"),
     script:
         "../workflow/scripts/make_plots.py"
 
 
 rule plot_victims:
     input:
-        metrics=expand(
-            f"{RESULTS}/victims/{{victim}}/metrics.json", victim=used_victims()
-        ),
+        metrics=VICTIM_METRICS,
         history=expand(
-            f"{RESULTS}/victims/{{victim}}/history.csv", victim=used_victims()
+            f"{RESULTS}/victims/{{victim}}/history.csv", victim=mc.used_victims(config)
         ),
         reference=REFERENCE,
     output:
@@ -75,24 +73,23 @@ rule plot_victims:
     conda:
         ENV
     params:
-        victims=used_victims(),
-        code=code_fingerprint("report", "plots"),
+        victims=mc.used_victims(config),
+        code=fingerprint("report", "plots"),
     script:
         "../workflow/scripts/make_plots.py"
 
 
 rule make_table:
     input:
-        metrics=experiment_metrics(),
-        victims=expand(
-            f"{RESULTS}/victims/{{victim}}/metrics.json", victim=used_victims()
-        ),
+        metrics=mc.experiment_files(config, "metrics.json"),
+        victims=VICTIM_METRICS,
         reference=REFERENCE,
         # Not read: listed so that `rule all`, which asks for the table, also builds
         # every figure of the report.
         plots=[*STAGE_PLOTS, *VICTIM_PLOTS],
     output:
         csv=f"{RESULTS}/table.csv",
+        seeds_csv=f"{RESULTS}/table_seeds.csv",
         md=f"{RESULTS}/table.md",
         tex=f"{RESULTS}/table.tex",
         html=report(
@@ -108,10 +105,11 @@ rule make_table:
         ENV
     params:
         experiments=list(config["experiments"]),
-        victims=used_victims(),
+        seeds=config["seeds"],
+        victims=mc.used_victims(config),
         dataset=config["dataset"]["name"],
         title=config["title"],
-        code=code_fingerprint("report"),
+        code=fingerprint("report"),
     script:
         "../workflow/scripts/make_table.py"
 

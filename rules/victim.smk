@@ -21,6 +21,6 @@ rule train_victim:
         seed=lambda wc: config["victims"][wc.victim]["seed"],
         compute=config["compute"],
         checkpoint=lambda wc: f"{RESULTS}/victims/{wc.victim}/checkpoint.pt",
-        code=code_fingerprint("victim"),
+        code=fingerprint("victim"),
     script:
         "../workflow/scripts/train_victim.py"

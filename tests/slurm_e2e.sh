@@ -234,7 +234,7 @@ import pandas as pd
 
 log, work, ref = Path(sys.argv[1]).read_text(), Path(sys.argv[2]), Path(sys.argv[3])
 GPU_RULES = {"train_victim", "collect_queries", "run_attack"}
-TIMING_COLUMNS = ["wall_time_s"]
+TIMING_COLUMNS = ["wall_time_s", "wall_time_s_sd"]
 
 # Snakemake prints "rule X:" for jobs it submits and "localrule X:" for local ones.
 remote = re.findall(r"^rule (\w+):", log, flags=re.M)

@@ -1,27 +1,26 @@
-"""Bad configurations stop the run before any job, naming the bad key."""
+"""The config logic (mextract.config): bad configurations fail naming the bad key, the
+three shipped configs name the same experiments, every experiment runs per seed, and
+every adaptive strategy gets an equal-budget random baseline. Plain function calls:
+no Snakemake subprocess (milliseconds each)."""
 
-from pathlib import Path
+from __future__ import annotations
+
+import copy
 
 import pytest
 import yaml
-from conftest import ROOT, copy_project, snakemake
+from conftest import ROOT
 
-BASE = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+from mextract import config as mc
+from mextract.attacks import registry
 
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return copy_project(tmp_path_factory.mktemp("config"))
-
-
-def dry_run(project: Path, cfg: dict, name: str):
-    path = project / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return snakemake(project, "-n", "--configfile", path.name, check=False, timeout=120)
+CONFIGS = {name: yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+           for name in ("config", "cifar10-cpu", "demo")}
+DEMO = CONFIGS["demo"]
 
 
 def edited(edit) -> dict:
-    cfg = yaml.safe_load(yaml.safe_dump(BASE))
+    cfg = copy.deepcopy(DEMO)
     edit(cfg)
     return cfg
 
@@ -32,9 +31,16 @@ CASES = {
         ["experiments.kd.strategy", "telepathy"],
     ),
     "negative budget": (
-        lambda c: c["experiments"].update(
-            cap={"stage": 1, "strategy": "kd", "api": "soft", "params": {"budget": -5}}),
-        ["experiments.cap.params.budget"],
+        lambda c: c["experiments"]["marich"]["params"].update(budget=-5),
+        ["experiments.marich.params.budget", "-5"],
+    ),
+    "unknown parameter": (
+        lambda c: c["experiments"]["kd"]["params"].update(budgett=5),
+        ["experiments.kd.params", "budgett"],
+    ),
+    "fractional integer parameter": (
+        lambda c: c["experiments"]["boundary"]["params"].update(steps=2.5),
+        ["experiments.boundary.params.steps", "2.5"],
     ),
     "misspelt key": (
         lambda c: c["victims"]["clean"]["train"].update(epochz=3),
@@ -44,10 +50,7 @@ CASES = {
         lambda c: c["split"].update(victim_fraction=1.5),
         ["split.victim_fraction", "1.5"],
     ),
-    "zero fraction": (
-        lambda c: c["split"].update(victim_fraction=0),
-        ["split.victim_fraction"],
-    ),
+    "zero fraction": (lambda c: c["split"].update(victim_fraction=0), ["split.victim_fraction"]),
     "unknown api": (
         lambda c: c["experiments"]["kd"].update(api="oracle"),
         ["experiments.kd.api", "oracle"],
@@ -56,21 +59,122 @@ CASES = {
         lambda c: c["experiments"]["kd"].update(api="hard"),
         ["experiments.kd.api", "soft"],
     ),
+    "empty seeds": (lambda c: c.update(seeds=[]), ["seeds"]),
+    "repeated seed": (lambda c: c.update(seeds=[1, 1]), ["seeds"]),
+    "dawn not last": (
+        lambda c: c["apis"]["defended"].update(defences=list(
+            reversed(c["apis"]["defended"]["defences"]))),
+        ["apis.defended.defences", "last"],
+    ),
+    "unshuffled image folder": (
+        lambda c: c.update(dataset={"name": "imagefolder", "root": "x"},
+                           split={"shuffle": False}),
+        ["split.shuffle"],
+    ),
+    "reserved baseline name": (
+        lambda c: c["experiments"].update({"marich-random": {"stage": 1, "strategy": "control"}}),
+        ["experiments.marich-random", "reserved"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_config_fails_fast_naming_the_key(project, case):
+def test_bad_config_fails_naming_the_key(case):
     edit, needles = CASES[case]
-    proc = dry_run(project, edited(edit), case.replace(" ", "_").replace(",", ""))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "invalid configuration" in out
+    with pytest.raises(mc.ConfigError) as err:
+        mc.prepare(edited(edit))
+    message = str(err.value)
+    assert message.startswith("invalid configuration")
     for needle in needles:
-        assert needle in out, f"{needle!r} not named in:\n{out[-3000:]}"
-    assert not (project / "results").exists()  # no job ran
+        assert needle in message, f"{needle!r} not named in:\n{message}"
 
 
-def test_demo_config_is_valid(project):
-    proc = dry_run(project, BASE, "demo_copy")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_defaults_come_from_the_schema():
+    cfg = mc.prepare({"experiments": {"c": {"stage": 1, "strategy": "control"}}})
+    schema = mc.load_schema()
+    assert cfg["seeds"] == schema["properties"]["seeds"]["default"]
+    assert cfg["substitute"]["train"]["epochs"] == schema["$defs"]["train"]["properties"][
+        "epochs"]["default"]
+    assert cfg["compute"]["threads"] == schema["properties"]["compute"]["properties"][
+        "threads"]["default"]
+
+
+def test_the_three_configs_name_the_same_experiments():
+    names = {name: list(mc.prepare(cfg)["experiments"]) for name, cfg in CONFIGS.items()}
+    assert names["config"] == names["cifar10-cpu"] == names["demo"]
+    stages = {e["stage"] for e in mc.prepare(CONFIGS["config"])["experiments"].values()}
+    assert stages == {1, 2, 3}
+    strategies = {e["strategy"] for e in mc.prepare(CONFIGS["config"])["experiments"].values()}
+    assert strategies == set(registry.STRATEGIES)  # every strategy of the study is run
+
+
+def test_full_config_is_at_the_study_scale():
+    cfg = mc.prepare(CONFIGS["config"])
+    assert cfg["victims"]["clean"]["arch"] == "resnet18"
+    assert cfg["victims"]["clean"]["width"] == 64
+    assert cfg["victims"]["clean"]["train"]["epochs"] == 50
+    assert "watermark" in cfg["victims"]["watermarked"]
+    assert (cfg["substitute"]["arch"], cfg["substitute"]["width"]) == ("vgg11", 1.0)
+    assert cfg["substitute"]["train"]["epochs"] == 40
+    budgets = {e["strategy"]: mc.exp_params(cfg, n).get("budget")
+               for n, e in cfg["experiments"].items()}
+    assert (budgets["marich"], budgets["spsg"], budgets["active_learning"]) == (4785, 3203, 3000)
+    assert [d["type"] for d in cfg["apis"]["defended"]["defences"]] == ["honey", "dawn"]
+    assert len(cfg["seeds"]) == 2
+    assert len(mc.prepare(CONFIGS["cifar10-cpu"])["seeds"]) == 2
+
+
+def test_every_experiment_runs_once_per_seed():
+    cfg = mc.prepare({**DEMO, "seeds": [3, 7]})
+    jobs = mc.experiment_jobs(cfg)
+    assert len(jobs) == 2 * len(cfg["experiments"])
+    assert {s for _, s in jobs} == {3, 7}
+    files = mc.experiment_files(cfg, "metrics.json")
+    assert "results/experiments/kd/seed7/metrics.json" in files
+    assert mc.attack_settings(cfg, "kd", 7)["seed"] == 7
+    assert mc.attack_settings(cfg, "kd", 3)["params"] == mc.attack_settings(cfg, "kd", 7)["params"]
+
+
+def test_random_baseline_beside_every_adaptive_strategy():
+    cfg = mc.prepare(DEMO)
+    exps = cfg["experiments"]
+    adaptive = [n for n, e in exps.items() if registry.get(e["strategy"]).baseline]
+    assert set(adaptive) == {"marich", "spsg", "active_learning", "boundary", "boundary-s3"}
+    names = list(exps)
+    for name in adaptive:
+        twin = exps[name]["baseline"]
+        base = exps[twin]
+        assert names.index(twin) == names.index(name) + 1  # right below it in the table
+        assert base["baseline_of"] == name
+        assert base["api"] == exps[name]["api"] and base["stage"] == exps[name]["stage"]
+        assert base.get("train") == exps[name].get("train")
+        strategy = registry.get(exps[name]["strategy"])
+        for key in strategy.baseline_params:  # the same budget
+            assert mc.exp_params(cfg, twin)[key] == mc.exp_params(cfg, name)[key]
+    assert mc.exp_params(cfg, "marich-random")["budget"] == 300
+    assert exps["boundary-random"]["strategy"] == "random_boundary"
+    # preparing twice changes nothing (jobs re-parse the workflow with its config)
+    assert mc.prepare(copy.deepcopy(cfg)) == cfg
+    assert list(mc.prepare({**DEMO, "random_baselines": False})["experiments"]) == list(
+        DEMO["experiments"])
+
+
+def test_config_key_order_does_not_change_settings():
+    shuffled = copy.deepcopy(DEMO)
+    shuffled["split"] = dict(reversed(list(shuffled["split"].items())))
+    shuffled["experiments"]["kd"] = dict(reversed(list(shuffled["experiments"]["kd"].items())))
+    a, b = mc.prepare(DEMO), mc.prepare(shuffled)
+    assert yaml.safe_dump(a) == yaml.safe_dump(b)
+
+
+def test_inputs_follow_the_experiment():
+    cfg = mc.prepare(DEMO)
+    kd = mc.attack_inputs(cfg, "kd")
+    assert kd["cache"] == "results/queries/soft/pool.pt" and "victim" not in kd
+    marich = mc.attack_inputs(cfg, "marich")
+    assert "cache" not in marich and marich["victim"] == "results/victims/clean/model.pt"
+    control = mc.attack_inputs(cfg, "control-s3")
+    assert control["watermark_logs"] == ["results/queries/defended/pool.watermark.pt"]
+    assert control["verify_victim"] == "results/victims/watermarked/model.pt"
+    assert mc.attack_inputs(cfg, "boundary-s3-random")["victim"] == (
+        "results/victims/watermarked/model.pt")

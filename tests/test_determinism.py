@@ -20,7 +20,7 @@ from mextract.runtime import TIMING_KEYS, seed_everything, without_timings
 from mextract.train import TrainConfig, cross_entropy, train
 
 CACHE = Path("results/queries/soft/pool.pt")
-EXP = Path("results/experiments/kd")
+EXP = Path("results/experiments/kd/seed0")
 
 
 def test_without_timings_drops_only_timing_keys() -> None:

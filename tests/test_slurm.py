@@ -20,6 +20,8 @@ import pytest
 import yaml
 from conftest import ROOT, copy_project
 
+from mextract import config as mc
+
 SCRIPT = ROOT / "tests" / "slurm_e2e.sh"
 SKIPPED = 77  # the script's "cannot run here"
 #: the script's whole output (job ids, rules, table, wall time) is kept here after a run
@@ -62,8 +64,8 @@ def test_demo_on_slurm_matches_local_run(demo_run: Path, tmp_path: Path) -> None
     rules = [pair.split("=")[1] for pair in m.group(2).split(", ")]
     # The demo's DAG: every victim and every experiment is one SLURM job, and so are the
     # data rules and the query caches; the table and plot rules are local.
-    cfg = yaml.safe_load((work / "config" / "demo.yaml").read_text())
-    assert rules.count("run_attack") == len(cfg["experiments"]), rules
+    cfg = mc.prepare(yaml.safe_load((work / "config" / "demo.yaml").read_text()))
+    assert rules.count("run_attack") == len(mc.experiment_jobs(cfg)), rules
     assert rules.count("train_victim") == len(cfg["victims"]), rules
     assert rules.count("collect_queries") >= 1, rules
     assert {"prepare_data", "split_data"} <= set(rules), rules

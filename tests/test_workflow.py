@@ -47,7 +47,7 @@ def test_changed_parameter_reruns_only_that_experiment(demo_run):
 def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
     module = demo_run / "src" / "mextract" / "attacks" / "kd.py"
     original = module.read_text()
-    module.write_text(original + "\n# a change\n")
+    module.write_text(original + "\n_CHANGED = True\n")
     try:
         proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
     finally:
@@ -55,3 +55,14 @@ def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
     jobs = scheduled_jobs(proc)
     assert jobs.get("run_attack") == 1 and "wildcards: exp=kd" in proc.stdout, proc.stdout[-3000:]
     assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "all"}, jobs
+
+
+def test_comment_in_library_code_reruns_nothing(demo_run):
+    module = demo_run / "src" / "mextract" / "train.py"  # used by every training job
+    original = module.read_text()
+    module.write_text(original + "\n# a comment only\n")
+    try:
+        proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
+    finally:
+        module.write_text(original)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mextract import defaults
+
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX). Without it,
@@ -35,6 +37,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+_DEFAULTS = defaults.of("compute")  # config/schema.yaml, properties.compute
+
+
 @dataclass
 class Compute:
     """Compute settings shared by training, the victim API and evaluation.
@@ -52,11 +57,11 @@ class Compute:
     float rounding (fused kernels).
     """
 
-    device: str = "auto"
-    amp: bool | str = "auto"
-    channels_last: bool = True
-    compile: bool | str = False
-    prefetch: bool | str = "auto"
+    device: str = _DEFAULTS["device"]
+    amp: bool | str = _DEFAULTS["amp"]
+    channels_last: bool = _DEFAULTS["channels_last"]
+    compile: bool | str = _DEFAULTS["compile"]
+    prefetch: bool | str = _DEFAULTS["prefetch"]
 
     def __post_init__(self) -> None:
         self.torch_device = resolve_device(self.device)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mextract import defaults
 from mextract.compute import Compute
 from mextract.io import write_text
 
@@ -103,13 +104,12 @@ def setup(compute_cfg: dict, threads: int, seed: int = 0) -> Compute:
     thread); on CUDA some kernels stay non-deterministic unless
     ``compute_cfg["deterministic"]`` is true (see docs/determinism.md).
     """
+    cfg = {**defaults.of("compute"), **compute_cfg}
     torch.set_num_threads(max(1, int(threads)))
-    set_deterministic(bool(compute_cfg.get("deterministic", False)))
+    set_deterministic(bool(cfg["deterministic"]))
     seed_everything(seed)
-    return Compute(device=compute_cfg.get("device", "auto"), amp=compute_cfg.get("amp", "auto"),
-                   channels_last=compute_cfg.get("channels_last", True),
-                   compile=compute_cfg.get("compile", False),
-                   prefetch=compute_cfg.get("prefetch", "auto"))
+    return Compute(device=cfg["device"], amp=cfg["amp"], channels_last=cfg["channels_last"],
+                   compile=cfg["compile"], prefetch=cfg["prefetch"])
 
 
 def discard_stale_checkpoints(key_file: str | Path, settings: Any,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mextract import defaults
 from mextract.compute import Compute
 from mextract.io import CorruptArtifactError, load_artifact, save_artifact
 
@@ -38,16 +39,21 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
+_DEFAULTS = defaults.of("train")  # config/schema.yaml, $defs.train
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    pct_start: float = 0.25
-    eval_every: int = 1
+    """One training recipe (the config's ``train`` entries; defaults from the schema)."""
+
+    epochs: int = _DEFAULTS["epochs"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    momentum: float = _DEFAULTS["momentum"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    label_smoothing: float = _DEFAULTS["label_smoothing"]
+    pct_start: float = _DEFAULTS["pct_start"]
+    eval_every: int = _DEFAULTS["eval_every"]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:

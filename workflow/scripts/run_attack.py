@@ -40,8 +40,10 @@ with logged(snakemake.log[0]):
         victim=victim, api_cfg=s["api"], verify=s["verify"], watermark_logs=logs,
         verify_victim=verify_victim,
     )
-    metrics.update({"experiment": s["name"], "stage": s["stage"], "api_name": s["api_name"],
-                    "victim": s["victim"], "substitute": s["substitute"]})
+    metrics.update({"experiment": s["name"], "seed": s["seed"], "stage": s["stage"],
+                    "api_name": s["api_name"], "victim": s["victim"],
+                    "substitute": s["substitute"], "baseline": s["baseline"],
+                    "baseline_of": s["baseline_of"]})
     if s["verify"] is not None:
         metrics["verify_api"] = s["verify"]["api_name"]
     if result.query_log is not None:

@@ -1,0 +1,112 @@
+"""Code fingerprints follow the real import closure (mextract.fingerprint)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from mextract import fingerprint as fp
+
+
+def write(pkg: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = pkg / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+BASE = {
+    "__init__.py": "",
+    "a.py": '''
+        """Module a."""
+        from pkg.b import (
+            scale,
+        )
+
+
+        def helper(x):
+            return x + 1
+
+
+        def run(x):
+            return scale(helper(x))
+        ''',
+    "b.py": '''
+        def scale(x):
+            return 2 * x
+        ''',
+    "c.py": '''
+        def other(x):
+            return x - 1
+        ''',
+    "attacks/__init__.py": "",
+    "attacks/base.py": "from ..c import other\n",
+    "attacks/s1.py": "from .base import other\nfrom . import s2\n",
+    "attacks/s2.py": "X = 1\n",
+}
+BASE = {name: textwrap.dedent(text) for name, text in BASE.items()}
+
+
+def jobs(pkg: Path) -> dict[str, str]:
+    """Fingerprints of three 'rules' using a, b and c."""
+    return {m: fp.fingerprint(m, package=pkg, name="pkg") for m in ("a", "b", "c")}
+
+
+def test_multiline_relative_and_strategy_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    write(pkg, BASE)
+    assert fp.closure(["a"], pkg, "pkg") == ["a", "b"]  # multi-line `from ... import (`
+    # relative imports; another strategy module (s2) only when named
+    assert fp.closure(["attacks/s1"], pkg, "pkg") == ["attacks", "attacks/base", "attacks/s1",
+                                                      "c"]
+    assert "attacks/s2" in fp.closure(["attacks/s1", "attacks/s2"], pkg, "pkg")
+
+
+def test_moving_a_helper_keeps_the_jobs_up_to_date_that_a_content_change_would(tmp_path):
+    pkg = tmp_path / "pkg"
+    write(pkg, BASE)
+    before = jobs(pkg)
+
+    # a real change of the helper reruns exactly the job that runs it
+    write(pkg, {"a.py": BASE["a.py"].replace("x + 1", "x + 2")})
+    changed = jobs(pkg)
+    assert changed["a"] != before["a"]
+    assert changed["b"] == before["b"] and changed["c"] == before["c"]
+
+    # moving the unchanged helper from a to b (a imports it from there): the job that
+    # runs it stays up to date, as do the jobs that never import a or b
+    write(pkg, {
+        "a.py": '''
+            from pkg.b import helper, scale
+
+
+            def run(x):
+                return scale(helper(x))
+            ''',
+        "b.py": BASE["b.py"] + "\n\ndef helper(x):\n    return x + 1\n",
+    })
+    moved = jobs(pkg)
+    assert moved["a"] == before["a"]
+    assert moved["c"] == before["c"]
+    # b's own jobs gain a definition, so they rerun (conservative, never stale)
+    assert moved["b"] != before["b"]
+
+
+def test_comments_and_docstrings_do_not_rerun(tmp_path):
+    pkg = tmp_path / "pkg"
+    write(pkg, BASE)
+    before = jobs(pkg)
+    text = BASE["a.py"].replace('"""Module a."""', '"""Module a, documented."""  # note')
+    text = text.replace("def helper(x):", 'def helper(x):\n    """Add one."""')
+    write(pkg, {"a.py": text})
+    assert jobs(pkg) == before
+
+
+def test_library_closures():
+    experiment = fp.closure(["experiment"])
+    for module in ("api", "train", "attacks/base", "attacks/registry", "defences", "watermark"):
+        assert module in experiment
+    assert "attacks/kd" not in experiment  # strategies only when named
+    assert "config" not in experiment  # config logic never enters a job's fingerprint
+    assert fp.fingerprint("experiment", "attacks/kd") != fp.fingerprint("experiment",
+                                                                        "attacks/basic")

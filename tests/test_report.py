@@ -7,9 +7,11 @@ read the shared demo run (``demo_run``, tests/conftest.py) and never rerun it.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import re
+import statistics
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,8 +26,12 @@ from mextract import plots
 from mextract.report import (
     DASH,
     ReferenceError,
+    display_sections,
     load_reference,
+    read_results,
     results_table,
+    seeds_table,
+    table_notes,
     to_html,
     to_latex,
     to_markdown,
@@ -87,8 +93,8 @@ def parse_html(text: str) -> dict[str, list[list[str]]]:
 
 
 def _untex(cell: str) -> str:
-    for latex, plain in ((r"$\Delta$", "Δ"), ("--", DASH), (r"\%", "%"), (r"\_", "_"),
-                         (r"\&", "&"), (r"\#", "#")):
+    for latex, plain in ((r"$\Delta$", "Δ"), (r"$\pm$", "±"), ("--", DASH), (r"\%", "%"),
+                         (r"\_", "_"), (r"\&", "&"), (r"\#", "#")):
         cell = cell.replace(latex, plain)
     return cell.strip()
 
@@ -174,7 +180,10 @@ def test_results_table_gain_over_control_and_study_columns():
     assert df.loc["basic", "fidelity_vs_study"] == pytest.approx(0.75 - 0.7027)
     assert df.loc["mix3", "trigger_wsr_vs_study"] == pytest.approx(0.25 - 0.1168)
     assert pd.isna(df.loc["basic", "trigger_wsr"]) and pd.isna(df.loc["ctl2", "study_fidelity"])
-    assert bool(df.loc["mix3", "dawn_verified"]) is True
+    assert df.loc["mix3", "dawn_verified"] == 1.0  # share of seeds verified
+    # one run per experiment: n = 1, no sd
+    assert (df["n"] == 1).all() and df["fidelity_sd"].isna().all()
+    assert df["fidelity_gain_sd"].isna().all() and df["random_gain"].isna().all()
 
 
 def test_three_formats_agree_and_show_stage3_columns_only_in_stage3():
@@ -195,9 +204,136 @@ def test_three_formats_agree_and_show_stage3_columns_only_in_stage3():
     ctl = dict(zip(s2[0], s2[1], strict=True))
     assert ctl["experiment"] == "ctl2" and ctl["study acc."] == DASH
     mix = dict(zip(s3[0], s3[3], strict=True))
-    assert (mix["WSR"], mix["verified"], mix["DAWN p"]) == ("25.00%", "yes", "1e-06")
+    assert (mix["WSR"], mix["verified"], mix["DAWN p"]) == ("25.00%", "1/1", "1e-06")
+    assert mix["n"] == "1" and not any("±" in c for row in s2 + s3 for c in row)
     victim = dict(zip(*md["Stage 0: victim"], strict=True))
     assert (victim["test acc."], victim["Δ acc."]) == ("90.00%", "-4.00 pp")
+
+
+# ------------------------------------------------------------------ several seeds
+def seeded(seed: int, exp: str, stage: int, strategy: str, fidelity: float, queries: int = 0,
+           **extra: object) -> dict:
+    return metric(exp, stage, strategy, fidelity, queries, seed=seed,
+                  baseline=extra.pop("baseline", None),
+                  baseline_of=extra.pop("baseline_of", None), **extra)
+
+
+STAGE3 = {"trigger_wsr": 0.25, "trigger_wsr_nontarget": 0.2, "dawn_agreement": 0.9,
+          "dawn_p_value": 1e-6, "api_honest_accuracy": 0.7}
+
+#: two seeds of everything except ``basic`` (one); the random baseline listed before
+#: its adaptive experiment in the config
+SEEDED = [
+    *[seeded(s, "ctl2", 2, "control", f) for s, f in ((0, 0.70), (1, 0.72))],
+    *[seeded(s, "al-random", 2, "random", f, 3000, baseline_of="al")
+      for s, f in ((0, 0.76), (1, 0.75))],
+    seeded(0, "basic", 2, "basic", 0.74, 500),
+    *[seeded(s, "al", 2, "active_learning", f, q, baseline="al-random")
+      for s, f, q in ((0, 0.80, 3000), (1, 0.84, 3000))],
+    *[seeded(s, "mix3", 3, "mixup", f, 900, dawn_verified=v, **STAGE3)
+      for s, f, v in ((0, 0.80, True), (1, 0.82, False))],
+    *[seeded(s, "ctl3", 3, "control", 0.65) for s in (0, 1)],
+]
+
+
+def test_seeds_give_mean_sample_sd_and_n():
+    df = results_table(SEEDED, REFERENCE).set_index("experiment")
+    al = df.loc["al"]
+    assert al["fidelity"] == pytest.approx(0.82)
+    assert al["fidelity_sd"] == pytest.approx(0.028284271247461905)  # ddof = 1
+    assert al["test_accuracy"] == pytest.approx(0.81)
+    assert (al["n"], al["seeds"]) == (2, "0,1")
+    assert al["queries"] == 3000 and al["queries_sd"] == 0
+    basic = df.loc["basic"]
+    assert (basic["n"], basic["seeds"], basic["fidelity"]) == (1, "0", 0.74)
+    assert math.isnan(basic["fidelity_sd"]) and math.isnan(basic["fidelity_gain_sd"])
+    assert df.loc["mix3", "dawn_verified"] == 0.5  # one of two seeds verified
+    assert df.loc["mix3", "trigger_wsr_nontarget"] == pytest.approx(0.2)
+    # the study's columns compare the means
+    assert df.loc["mix3", "fidelity_vs_study"] == pytest.approx(0.81 - 0.862)
+
+
+def test_gains_over_control_and_random_baseline_pair_the_seeds():
+    df = results_table(SEEDED, REFERENCE)
+    # the random baseline comes right below its adaptive experiment, controls first
+    assert list(df["experiment"]) == ["ctl2", "basic", "al", "al-random", "ctl3", "mix3"]
+    df = df.set_index("experiment")
+    assert df.loc["al", "baseline"] == "al-random"
+    assert df.loc["al-random", "baseline_of"] == "al"
+    # gain over random = mean(adaptive) - mean(its random baseline)
+    assert df.loc["al", "random_gain"] == pytest.approx(0.82 - 0.755)
+    # same seeds: sd of the per-seed differences (0.80-0.76, 0.84-0.75)
+    assert df.loc["al", "random_gain_sd"] == pytest.approx(statistics.stdev([0.04, 0.09]))
+    assert df.loc["al", "fidelity_gain"] == pytest.approx(0.82 - 0.71)
+    assert df.loc["al", "fidelity_gain_sd"] == pytest.approx(statistics.stdev([0.10, 0.12]))
+    assert df[["random_gain"]].drop(index="al").isna().all().all()
+    # other seed sets: difference of the means, no sd
+    assert df.loc["basic", "fidelity_gain"] == pytest.approx(0.74 - 0.71)
+    unpaired = results_table([m for m in SEEDED if not (m["experiment"] == "al-random"
+                                                        and m["seed"] == 1)])
+    al = unpaired.set_index("experiment").loc["al"]
+    assert al["random_gain"] == pytest.approx(0.82 - 0.76) and math.isnan(al["random_gain_sd"])
+    # without the ``baseline`` key, the random experiment's ``baseline_of`` pairs them
+    legacy = [{**m, "baseline": None} for m in SEEDED]
+    assert results_table(legacy).set_index("experiment").loc["al", "random_gain"] == \
+        pytest.approx(0.82 - 0.755)
+
+
+def test_two_runs_of_one_seed_are_an_error():
+    with pytest.raises(ValueError, match="seed 0"):
+        results_table([SEEDED[0], SEEDED[0]])
+
+
+def test_display_shows_mean_pm_sd_n_and_both_gains():
+    df = results_table(SEEDED, REFERENCE)
+    md = parse_markdown(to_markdown(df, notes=["note"]))
+    assert md == parse_html(to_html(df, notes=["note"]))
+    assert md == parse_latex(to_latex(df, notes=["note"]))
+    s2, s3 = md["Stage 2: hard-label extraction"], md["Stage 3: extraction against a defended API"]
+    rows = {r[0]: dict(zip(s2[0], r, strict=True)) for r in s2[1:]}
+    al, basic, rnd = rows["al"], rows["basic"], rows["al-random"]
+    assert al["fidelity"] == "82.00 ± 2.83%" and al["n"] == "2"
+    assert al["test acc."] == "81.00 ± 2.83%"
+    assert al["queries"] == "3,000"  # the seeds spent the same: no ±
+    assert al["fid. gain over control"] == "+11.00 ± 1.41 pp"
+    assert al["fid. gain over random (same budget)"] == "+6.50 ± 3.54 pp"
+    assert rnd["strategy"] == "random (baseline of al)"
+    assert rnd["fid. gain over random (same budget)"] == DASH
+    # n = 1: just the mean
+    assert basic["n"] == "1" and basic["fidelity"] == "74.00%"
+    assert not any("±" in cell for cell in basic.values())
+    assert "±" in rows["ctl2"]["fidelity"] and rows["ctl2"]["fid. gain over control"] == DASH
+    # WSR (all images) and WSR (non-target) only in Stage 3
+    assert "WSR" not in s2[0] and "WSR (non-target)" not in s2[0]
+    mix = dict(zip(s3[0], s3[2], strict=True))
+    assert (mix["WSR"], mix["WSR (non-target)"]) == ("25.00 ± 0.00%", "20.00 ± 0.00%")
+    assert mix["verified"] == "1/2" and mix["fid. gain over control"] == "+16.00 ± 1.41 pp"
+    assert mix["Δ WSR"] == "+13.32 pp"  # our mean minus the study's
+    assert "fid. gain over random (same budget)" not in s3[0]  # no baseline in Stage 3
+    queries = results_table([{**m, "queries": 3000 + 10 * m["seed"]} for m in SEEDED])
+    rows = {r[0]: r for r in display_sections(queries)[0][2].itertuples(index=False)}
+    assert rows["al"][list(display_sections(queries)[0][2].columns).index("queries")] \
+        == "3,005 ± 7.1"
+    notes = " ".join(table_notes("cifar10", "t", REFERENCE))
+    assert "mean ± sample standard deviation" in notes and "gain over random" in notes
+
+
+def test_csv_round_trips():
+    df = results_table(SEEDED, REFERENCE)
+    back = read_results(io.StringIO(df.to_csv(index=False)))
+    assert list(back.columns) == list(df.columns)
+    pd.testing.assert_frame_equal(back, df)
+    assert list(back["seeds"]) == ["0,1", "0", "0,1", "0,1", "0,1", "0,1"]
+    per_seed = seeds_table(SEEDED)
+    assert len(per_seed) == len(SEEDED)
+    back = pd.read_csv(io.StringIO(per_seed.to_csv(index=False)))
+    assert list(back.columns) == list(per_seed.columns)
+    al = back[back["experiment"] == "al"].set_index("seed")
+    assert list(al["fidelity"]) == [0.80, 0.84]
+    assert al.loc[1, "random_gain"] == pytest.approx(0.84 - 0.75)
+    assert al.loc[1, "fidelity_gain"] == pytest.approx(0.84 - 0.72)
+    assert list(back["experiment"].drop_duplicates()) == ["ctl2", "basic", "al", "al-random",
+                                                          "ctl3", "mix3"]
 
 
 # ------------------------------------------------------------------ figures (synthetic)
@@ -251,6 +387,52 @@ def test_bar_chart_and_victim_curve(tmp_path):
     check_image(tmp_path / "v.svg")
 
 
+def test_plots_build_with_two_seeds_per_experiment(tmp_path):
+    def hist(queries: list[int], fidelity: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"epoch": range(1, len(queries) + 1), "queries": queries,
+                             "fidelity": fidelity})
+
+    runs = [(m, hist([0, 0], [0.6, m["fidelity"]])) for m in SEEDED
+            if m["experiment"] == "ctl2"]
+    runs += [(m, hist([3000, 3000], [0.7, m["fidelity"]])) for m in SEEDED
+             if m["experiment"] == "al-random"]
+    runs += [(m, hist([500, 500], [0.7, m["fidelity"]])) for m in SEEDED
+             if m["experiment"] == "basic"]
+    runs += [(m, hist([1000, 2000, 3000], [0.5, 0.7, m["fidelity"]])) for m in SEEDED
+             if m["experiment"] == "al"]
+    paths = [tmp_path / "f.png", tmp_path / "f.svg"]
+    fig = plots.fidelity_vs_queries(runs, 2, paths)
+    for p in paths:
+        check_image(p)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 4  # one entry per experiment, not per seed
+    assert any(label.startswith("al (active_learning), 2 seeds") for label in labels)
+    curves = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [1000, 2000, 3000]]
+    assert sorted(ln.get_ydata()[-1] for ln in curves) == [0.80, 0.84]  # one per seed
+    assert len({ln.get_color() for ln in curves}) == 1
+    # the random baseline: its adaptive experiment's colour, dashed
+    diamonds = [ln for ln in ax.get_lines() if ln.get_marker() == "D"]
+    random = next(ln for ln in diamonds if ln.get_ydata()[0] == pytest.approx(0.755))
+    assert random.get_color() == curves[0].get_color()
+    control = next(ln for ln in ax.get_lines() if list(ln.get_ydata()) == [0.71, 0.71])
+    assert control is not None and ax.patches  # the control's min-max band
+
+    table = results_table(SEEDED, REFERENCE)
+    fig = plots.accuracy_fidelity_bars(table[table["stage"] == 2], 2,
+                                       [tmp_path / "b.png", tmp_path / "b.svg"])
+    check_image(tmp_path / "b.png")
+    check_image(tmp_path / "b.svg")
+    ax = fig.axes[0]
+    # error bars (± sd) for the two-seed attacks al and al-random only, per metric
+    segments = [seg for c in ax.collections for seg in c.get_segments()]
+    spans = sorted(round(seg[1][1] - seg[0][1], 6) for seg in segments)
+    sd = statistics.stdev([0.80, 0.84])
+    assert spans == sorted([round(2 * v, 6) for v in (sd, sd, 0.0070710678, 0.0070710678)])
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[0] == "basic\n(basic)\nn = 1" and ticks[1].endswith("n = 2")
+
+
 # ------------------------------------------------------------------ the demo workflow
 def demo_config(run: Path) -> dict:
     return yaml.safe_load((run / "config" / "demo.yaml").read_text())
@@ -269,27 +451,63 @@ def test_demo_tables_agree_with_each_other_and_the_metrics(demo_run):
     md = parse_markdown((results / "table.md").read_text())
     assert md == parse_latex((results / "table.tex").read_text())
     assert md == parse_html((results / "report" / "table.html").read_text())
-    csv = pd.read_csv(results / "table.csv").set_index("experiment")
+    csv = read_results(results / "table.csv").set_index("experiment")
     exps = demo_config(demo_run)["experiments"]
-    assert set(csv.index) == set(exps)
-    metrics = {e: json.loads((results / "experiments" / e / "metrics.json").read_text())
-               for e in exps}
+    # the configured experiments and the equal-budget random baselines the workflow adds
+    assert set(exps) <= set(csv.index)
+    assert all(csv.loc[e, "baseline_of"] in exps for e in set(csv.index) - set(exps))
+    # every experiment ran once per seed: results/experiments/<exp>/seed<k>/metrics.json
+    runs = {e: sorted((json.loads(p.read_text())
+                       for p in (results / "experiments" / e).glob("seed*/metrics.json")),
+                      key=lambda m: m["seed"])
+            for e in csv.index}
+    for exp, ms in runs.items():
+        # an experiment's own seeds, else its adaptive experiment's, else the top level's
+        own = exps.get(exp) or exps[csv.loc[exp, "baseline_of"]]
+        seeds = own.get("seeds", demo_config(demo_run).get("seeds"))
+        assert ms, exp
+        if seeds is not None:
+            assert [m["seed"] for m in ms] == sorted(seeds), exp
+    per_seed = pd.read_csv(results / "table_seeds.csv")
+    assert len(per_seed) == sum(map(len, runs.values()))
     sections = {int(h.split(":")[0].split()[1]): rows for h, rows in md.items()}
-    for exp, m in metrics.items():
-        for key in ("queries", "test_accuracy", "fidelity", "fidelity_on_victim_errors"):
-            assert csv.loc[exp, key] == pytest.approx(m[key]), (exp, key)
+
+    def mean(ms: list[dict], key: str) -> float:
+        return statistics.fmean(m[key] for m in ms)
+
+    for exp, ms in runs.items():
+        m, n = ms[0], len(ms)
+        assert csv.loc[exp, "n"] == n
+        assert csv.loc[exp, "seeds"] == ",".join(str(r["seed"]) for r in ms)
         header, *rows = sections[m["stage"]]
         row = dict(zip(header, next(r for r in rows if r[0] == exp), strict=True))
-        assert row["queries"] == f"{m['queries']:,}"
-        assert row["test acc."] == f"{100 * m['test_accuracy']:.2f}%"
-        assert row["fidelity"] == f"{100 * m['fidelity']:.2f}%"
-        assert row["fid. on victim errors"] == f"{100 * m['fidelity_on_victim_errors']:.2f}%"
+        assert row["n"] == str(n)
+        for key in ("queries", "test_accuracy", "fidelity", "fidelity_on_victim_errors"):
+            assert csv.loc[exp, key] == pytest.approx(mean(ms, key)), (exp, key)
+            if n > 1:
+                sd = statistics.stdev(r[key] for r in ms)
+                assert csv.loc[exp, f"{key}_sd"] == pytest.approx(sd), (exp, key)
+            else:
+                assert math.isnan(csv.loc[exp, f"{key}_sd"]), (exp, key)
+        if len({r["queries"] for r in ms}) == 1:
+            assert row["queries"] == f"{m['queries']:,}"
+        for key, column in (("test_accuracy", "test acc."), ("fidelity", "fidelity"),
+                            ("fidelity_on_victim_errors", "fid. on victim errors")):
+            assert row[column].startswith(f"{100 * mean(ms, key):.2f}"), (exp, column)
+            assert ("±" in row[column]) == (n > 1), (exp, column)
         if m["strategy"] != "control":
-            control = next(c for c in metrics.values()
-                           if c["strategy"] == "control" and c["stage"] == m["stage"])
-            gain = m["fidelity"] - control["fidelity"]
+            control = next(runs[c] for c in runs if runs[c][0]["strategy"] == "control"
+                           and runs[c][0]["stage"] == m["stage"])
+            gain = mean(ms, "fidelity") - mean(control, "fidelity")
             assert csv.loc[exp, "fidelity_gain"] == pytest.approx(gain)
-            assert row["fid. gain over control"] == f"{100 * gain:+.2f} pp"
+            assert row["fid. gain over control"].startswith(f"{100 * gain:+.2f}")
+        if m.get("baseline"):
+            gain = mean(ms, "fidelity") - mean(runs[m["baseline"]], "fidelity")
+            assert csv.loc[exp, "random_gain"] == pytest.approx(gain)
+            assert row["fid. gain over random (same budget)"].startswith(f"{100 * gain:+.2f}")
+            # the random baseline is the row right below
+            names = [r[0] for r in rows]
+            assert names[names.index(exp) + 1] == m["baseline"]
     header, *rows = md["Stage 0: victim"]
     assert len(rows) == len(demo_config(demo_run)["victims"])
     for row in rows:
@@ -330,6 +548,7 @@ def test_snakemake_report_embeds_plots_table_and_captions(demo_run):
         assert base64.b64decode(entry["data_uri"].split(",", 1)[1]) == path.read_bytes()
     table = results["results/report/table.html"]
     assert "fidelity gain over control" in table["caption"]
+    assert "gain over random" in table["caption"] and "seed" in table["caption"]
     embedded = base64.b64decode(table["data_uri"].split(",", 1)[1]).decode()
     assert embedded == (demo_run / "results" / "report" / "table.html").read_text()
     cfg = demo_config(demo_run)

@@ -1,18 +1,24 @@
 """Results tables built from the metrics files only, beside the reference study's numbers.
 
-One row per experiment, grouped by stage. Every attack is compared with its stage's
-``control`` experiment (true labels, zero queries): *fidelity gain* = fidelity minus
-the control's fidelity, i.e. how much closer to the victim the stolen labels bring a
-substitute than honest training on the same pool does. *Fidelity on victim errors*
-(agreement on the test images the victim gets wrong) separates copying the victim from
-merely being accurate (Jagielski et al., "High Accuracy and High Fidelity Extraction of
-Neural Networks", USENIX Security 2020). The reference study's numbers come from one data
-file, ``config/reference.yaml`` (see :func:`load_reference`).
+Every experiment runs once per substitute seed; its row aggregates the seeds: each
+number is the mean with the sample standard deviation (``<key>_sd``) over the ``n``
+seeds, and the per-seed numbers are in :func:`seeds_table`. Every attack is compared
+with its stage's ``control`` experiment (true labels, zero queries): *fidelity gain* =
+mean fidelity minus the control's, i.e. how much closer to the victim the stolen labels
+bring a substitute than honest training on the same pool does. An adaptive selection
+strategy is also compared with its equal-budget random baseline (``<exp>-random``, the
+same number of queries on uniformly random inputs): *gain over random* = its mean
+fidelity minus the baseline's, how much the selection itself buys. *Fidelity on victim
+errors* (agreement on the test images the victim gets wrong) separates copying the
+victim from merely being accurate (Jagielski et al., "High Accuracy and High Fidelity
+Extraction of Neural Networks", USENIX Security 2020). The reference study's numbers
+come from one data file, ``config/reference.yaml`` (see :func:`load_reference`).
 
 The same display table (:func:`display_sections`) is written as Markdown, booktabs
 LaTeX and HTML, so the three files agree cell for cell; ``table.csv`` holds the raw
-numbers (fractions, counts, seconds). The module does not import torch, so the
-workflow can read :data:`STAGE_TITLES` while it builds the DAG.
+numbers (fractions, counts, seconds; means and sds) and ``table_seeds.csv`` the
+per-seed ones. The module does not import torch, so the workflow can read
+:data:`STAGE_TITLES` while it builds the DAG.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +46,47 @@ STAGE_TITLES: dict[int, str] = {
 }
 #: the numbers a reference entry may give (fractions, except ``queries``; ``note`` is text)
 REFERENCE_FIELDS = ("test_accuracy", "fidelity", "queries", "trigger_wsr", "note")
-#: Stage-3 metrics keys, present only in those experiments' metrics.json
-VERIFICATION_KEYS = ("trigger_wsr", "dawn_agreement", "dawn_p_value", "dawn_verified",
-                     "api_honest_accuracy")
-#: metrics compared with the study (ours minus the study's, in ``<key>_vs_study``)
+#: Stage-3 metrics keys, present only in those experiments' metrics.json. ``trigger_wsr``
+#: is the study's WSR (all stamped test images), ``trigger_wsr_nontarget`` the same over
+#: the images whose true class is not the target.
+VERIFICATION_KEYS = ("trigger_wsr", "trigger_wsr_nontarget", "dawn_agreement", "dawn_p_value",
+                     "dawn_verified", "api_honest_accuracy")
+#: metrics compared with the study (our mean minus the study's, in ``<key>_vs_study``)
 COMPARED = ("test_accuracy", "fidelity", "queries", "trigger_wsr")
+#: per-seed numbers summarised over an experiment's seeds: ``<key>`` is the mean,
+#: ``<key>_sd`` the sample standard deviation (``dawn_verified``: the share of seeds
+#: verified, no sd)
+AGGREGATED = ("queries", "test_accuracy", "fidelity", "fidelity_on_victim_errors",
+              "trigger_wsr", "trigger_wsr_nontarget", "dawn_agreement", "dawn_p_value",
+              "api_honest_accuracy", "wall_time_s")
+#: fidelity differences: over the stage's control, over the equal-budget random baseline
+GAINS = ("fidelity_gain", "random_gain")
+#: strategies whose experiments are the equal-budget random baselines of adaptive ones
+RANDOM_BASELINES = ("random", "random_boundary")
 
-COLUMNS = ["stage", "experiment", "strategy", "api_name", "api", "victim", "queries",
-           "test_accuracy", "fidelity", "fidelity_on_victim_errors", "control",
-           "fidelity_gain", *VERIFICATION_KEYS, "wall_time_s",
+
+def _with_sd(*keys: str) -> list[str]:
+    return [c for key in keys for c in (key, f"{key}_sd")]
+
+
+#: columns of :func:`results_table` (one row per experiment)
+COLUMNS = ["stage", "experiment", "strategy", "api_name", "api", "victim", "baseline",
+           "baseline_of", "seeds", "n",
+           *_with_sd("queries", "test_accuracy", "fidelity", "fidelity_on_victim_errors"),
+           "control", *_with_sd(*GAINS),
+           *_with_sd("trigger_wsr", "trigger_wsr_nontarget", "dawn_agreement",
+                     "dawn_p_value"), "dawn_verified", *_with_sd("api_honest_accuracy"),
+           *_with_sd("wall_time_s"),
            *[c for key in COMPARED for c in (f"study_{key}", f"{key}_vs_study")],
            "study_note"]
+#: the text columns of :func:`results_table` (pandas "string" dtype, missing = NA)
+TEXT_COLUMNS = ("experiment", "strategy", "api_name", "api", "victim", "baseline",
+                "baseline_of", "seeds", "control", "study_note")
+#: columns of :func:`seeds_table` (one row per experiment and seed, raw numbers)
+SEED_COLUMNS = ["stage", "experiment", "seed", "strategy", "api_name", "api", "victim",
+                "baseline", "baseline_of", "queries", "test_accuracy", "fidelity",
+                "fidelity_on_victim_errors", "control", *GAINS, *VERIFICATION_KEYS,
+                "wall_time_s"]
 VICTIM_COLUMNS = ["victim", "arch", "width", "train_images", "watermark_fraction",
                   "test_accuracy", "trigger_wsr", "train_time_s",
                   "study_test_accuracy", "test_accuracy_vs_study", "study_note"]
@@ -146,10 +183,45 @@ def load_reference(path: str | Path) -> Reference:
 
 # ------------------------------------------------------------------ tables (raw numbers)
 def _num(value: Any) -> float:
-    """A float, NaN for missing values (None, absent)."""
-    if value is None or isinstance(value, str):
+    """A float, NaN for missing values (None, absent, text); booleans count 1 / 0."""
+    if value is None or isinstance(value, str) or value is pd.NA:
         return math.nan
     return float(value)
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1) of the non-NaN values; NaN for the
+    sd of a single value, both NaN for none."""
+    xs = [v for v in values if not math.isnan(v)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def _seed_key(seed: Any) -> tuple[bool, float]:
+    return (seed is None, 0.0 if seed is None else float(seed))
+
+
+def _group(metrics: Sequence[Mapping[str, Any]]) -> dict[str, dict[Any, dict]]:
+    """experiment -> {seed: metrics}, experiments in order of first appearance, seeds
+    ascending. A metrics dict without ``seed`` is the experiment's only run (seed None).
+    Raises ValueError for two runs of one (experiment, seed) or seeds of one experiment
+    that disagree on its stage or strategy."""
+    groups: dict[str, dict[Any, dict]] = {}
+    for m in metrics:
+        name, seed = m.get("experiment"), m.get("seed")
+        runs = groups.setdefault(name, {})
+        if seed in runs:
+            raise ValueError(f"experiment {name!r}: two metrics files for seed {seed!r}")
+        if runs:
+            first = next(iter(runs.values()))
+            for key in ("stage", "strategy"):
+                if first.get(key) != m.get(key):
+                    raise ValueError(f"experiment {name!r}: seeds disagree on {key} "
+                                     f"({first.get(key)!r}, {m.get(key)!r})")
+        runs[seed] = dict(m)
+    return {name: dict(sorted(runs.items(), key=lambda kv: _seed_key(kv[0])))
+            for name, runs in groups.items()}
 
 
 def _control_for(m: Mapping[str, Any], controls: Sequence[Mapping[str, Any]]) -> dict | None:
@@ -162,37 +234,184 @@ def _control_for(m: Mapping[str, Any], controls: Sequence[Mapping[str, Any]]) ->
     return dict(same_stage[0]) if len(same_stage) == 1 else None
 
 
+def _is_random_baseline(m: Mapping[str, Any]) -> bool:
+    return m.get("strategy") in RANDOM_BASELINES or bool(m.get("baseline_of"))
+
+
+@dataclass(frozen=True)
+class _Links:
+    """Who is compared with whom: experiment -> its control / its random baseline, and
+    the order of the rows."""
+
+    control: dict[str, str | None]
+    baseline: dict[str, str | None]
+    order: list[str]
+
+
+def _links(groups: Mapping[str, Mapping[Any, Mapping[str, Any]]]) -> _Links:
+    info = {name: next(iter(runs.values())) for name, runs in groups.items()}
+    controls = [m for m in info.values() if m.get("strategy") == "control"]
+    control = {name: None if m.get("strategy") == "control" else
+               (_control_for(m, controls) or {}).get("experiment")
+               for name, m in info.items()}
+    # an adaptive experiment's baseline: its own ``baseline`` key, else the random
+    # experiment whose ``baseline_of`` names it
+    baseline: dict[str, str | None] = {
+        name: None if _is_random_baseline(m) else m.get("baseline") for name, m in info.items()}
+    for name, m in info.items():
+        of = m.get("baseline_of")
+        if of in baseline and baseline[of] is None and of != name \
+                and not _is_random_baseline(info[of]):
+            baseline[of] = name
+    # rows: by stage, each stage's control first, otherwise config order; a random
+    # baseline right below its adaptive experiment (same stage)
+    index = {name: i for i, name in enumerate(info)}
+    below: dict[str, str] = {}  # random baseline -> the adaptive experiment it follows
+    for name, b in baseline.items():
+        if b in info and b != name and b not in below and _is_random_baseline(info[b]) \
+                and info[b].get("stage") == info[name].get("stage"):
+            below[b] = name
+    order: list[str] = []
+
+    def emit(name: str) -> None:
+        if name in order:
+            return
+        order.append(name)
+        for r in sorted((r for r, a in below.items() if a == name), key=index.get):
+            emit(r)
+
+    top = sorted((n for n in info if n not in below),
+                 key=lambda n: (int(info[n]["stage"]),
+                                info[n].get("strategy") != "control", index[n]))
+    for name in top:
+        emit(name)
+    order += [n for n in info if n not in order]  # only if ``below`` had a cycle
+    return _Links(control, baseline, order)
+
+
+def _gain(ours: Mapping[Any, Mapping[str, Any]], theirs: Mapping[Any, Mapping[str, Any]],
+          key: str = "fidelity") -> tuple[float, float]:
+    """Our mean ``key`` minus theirs, and an sd when the seeds pair up: if both ran the
+    same seeds (each with a value), the gain is the mean of the per-seed differences
+    (equal to the difference of the means) and the sd that of those differences
+    (ddof = 1); otherwise the difference of the means and no sd."""
+    a = {s: _num(m.get(key)) for s, m in ours.items()}
+    b = {s: _num(m.get(key)) for s, m in theirs.items()}
+    a = {s: v for s, v in a.items() if not math.isnan(v)}
+    b = {s: v for s, v in b.items() if not math.isnan(v)}
+    if not a or not b:
+        return math.nan, math.nan
+    if set(a) == set(b):
+        return _mean_sd([a[s] - b[s] for s in a])
+    return statistics.fmean(a.values()) - statistics.fmean(b.values()), math.nan
+
+
+def _seeds_text(seeds: Sequence[Any]) -> str:
+    return ",".join(str(s) for s in seeds if s is not None)
+
+
 def results_table(metrics: Sequence[Mapping[str, Any]],
                   reference: Reference | None = None) -> pd.DataFrame:
-    """One row per experiment, columns :data:`COLUMNS`; by stage, each stage's control
-    first, otherwise in the given order.
+    """One row per experiment, aggregating its seeds; columns :data:`COLUMNS`.
 
-    ``fidelity_gain`` is the experiment's fidelity minus its stage's control's (NaN for
-    the control itself and where the stage has none); ``study_<key>`` the reference
-    number for the experiment's (stage, strategy) and ``<key>_vs_study`` ours minus it.
+    ``metrics``: every run's metrics.json (several per experiment, one per substitute
+    seed, told apart by ``seed``; a run without ``seed`` is its experiment's only one).
+    Rows go by stage, each stage's control first, otherwise in the given order, except
+    that a random-baseline experiment comes right below the adaptive experiment it is
+    matched to. ``seeds`` lists the seeds ("0,1"), ``n`` counts them.
+
+    For each of :data:`AGGREGATED`, ``<key>`` is the mean over the seeds and ``<key>_sd``
+    the sample standard deviation (ddof = 1; NaN when n = 1 or when fewer than two seeds
+    have the number); ``dawn_verified`` is the share of seeds verified.
+    ``fidelity_gain`` is the mean fidelity minus that of the stage's control (same
+    victim; NaN for the control itself and where the stage has none), ``random_gain``
+    the mean fidelity minus that of the experiment's equal-budget random baseline (named
+    in ``baseline``; NaN where there is none). A gain has an sd (``<gain>_sd``) only when
+    the two experiments ran the same seeds: each seed of the attack is then paired with
+    the same seed of the other (the same substitute seed) and the sd is that of the
+    per-seed differences; with other seed sets it is NaN.
+    ``study_<key>`` is the reference number for the experiment's (stage, strategy) and
+    ``<key>_vs_study`` our mean minus it.
     """
     reference = reference or Reference()
-    controls = [m for m in metrics if m.get("strategy") == "control"]
+    groups = _group(metrics)
+    links = _links(groups)
     rows = []
-    for m in metrics:
-        row: dict[str, Any] = {c: m.get(c) for c in COLUMNS}
-        control = None if m.get("strategy") == "control" else _control_for(m, controls)
-        row["control"] = control["experiment"] if control else None
-        row["fidelity_gain"] = (_num(m.get("fidelity")) - _num(control.get("fidelity"))
-                                if control else math.nan)
+    for name in links.order:
+        runs = groups[name]
+        m = next(iter(runs.values()))
+        row: dict[str, Any] = {c: m.get(c) for c in
+                               ("stage", "experiment", "strategy", "api_name", "api", "victim",
+                                "baseline_of")}
+        row["seeds"] = _seeds_text(list(runs))
+        row["n"] = len(runs)
+        for key in AGGREGATED:
+            row[key], row[f"{key}_sd"] = _mean_sd([_num(r.get(key)) for r in runs.values()])
+        verified = [_num(r.get("dawn_verified")) for r in runs.values()]
+        row["dawn_verified"] = _mean_sd(verified)[0]
+        row["control"] = links.control[name]
+        row["baseline"] = links.baseline[name]
+        for gain, other in (("fidelity_gain", row["control"]), ("random_gain", row["baseline"])):
+            row[gain], row[f"{gain}_sd"] = (_gain(runs, groups[other]) if other in groups
+                                            else (math.nan, math.nan))
         ref = reference.get(int(m["stage"]), m.get("strategy"))
         for key in COMPARED:
             row[f"study_{key}"] = _num(ref.get(key))
-            row[f"{key}_vs_study"] = _num(m.get(key)) - row[f"study_{key}"]
+            row[f"{key}_vs_study"] = _num(row[key]) - row[f"study_{key}"]
         row["study_note"] = ref.get("note")
         rows.append(row)
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("queries", "study_queries", "queries_vs_study"):
-        df[col] = df[col].astype("Float64").round().astype("Int64")
+    return _typed(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """The dtypes of :func:`results_table`: text as "string", counts as "Int64", the
+    rest float (so that the table survives a CSV round trip, see :func:`read_results`)."""
+    df = df.copy()
+    for col in df.columns:
+        if col not in COLUMNS:
+            continue
+        if col in TEXT_COLUMNS:
+            df[col] = df[col].astype("string")
+        elif col in ("stage", "n", "study_queries"):
+            df[col] = df[col].astype("Float64").round().astype("Int64")
+        else:
+            df[col] = df[col].astype(float)
+    return df.reset_index(drop=True)
+
+
+def seeds_table(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per (experiment, seed) with that run's raw numbers; columns
+    :data:`SEED_COLUMNS`, rows in the order of :func:`results_table`, seeds ascending.
+
+    ``fidelity_gain`` / ``random_gain`` here are the run's fidelity minus that of the
+    same seed of the control / of the random baseline (NaN where that seed is missing).
+    """
+    groups = _group(metrics)
+    links = _links(groups)
+    rows = []
+    for name in links.order:
+        for seed, m in groups[name].items():
+            row = {c: m.get(c) for c in SEED_COLUMNS}
+            row["seed"] = seed
+            row["control"], row["baseline"] = links.control[name], links.baseline[name]
+            for gain, other in (("fidelity_gain", row["control"]),
+                                ("random_gain", row["baseline"])):
+                theirs = groups.get(other, {}).get(seed) if other else None
+                row[gain] = (_num(m.get("fidelity")) - _num(theirs.get("fidelity"))
+                             if theirs is not None else math.nan)
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=SEED_COLUMNS)
+    for col in ("stage", "seed"):
+        df[col] = df[col].astype("Int64")
+    df["queries"] = df["queries"].astype("Float64").round().astype("Int64")
     df["dawn_verified"] = df["dawn_verified"].astype("boolean")
-    order = df["strategy"].ne("control")  # each stage's control first, then config order
-    return (df.assign(_order=order).sort_values(["stage", "_order"], kind="stable")
-            .drop(columns="_order").reset_index(drop=True))
+    return df
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """``table.csv`` (a path or an open file) read back with the dtypes
+    :func:`results_table` gives (``seeds`` as text: "0", not 0)."""
+    return _typed(pd.read_csv(path, dtype={c: "string" for c in TEXT_COLUMNS}))
 
 
 def victims_table(victims: Sequence[Mapping[str, Any]],
@@ -215,97 +434,165 @@ def _missing(v: Any) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def pct(v: Any) -> str:
-    return DASH if _missing(v) else f"{100 * float(v):.2f}%"
+PM = "±"
 
 
-def pp(v: Any) -> str:
-    """A difference of fractions in percentage points."""
-    return DASH if _missing(v) else f"{100 * float(v):+.2f} pp"
+def _spread(text: str, sd_text: str | None, unit: str = "") -> str:
+    """"84.12 ± 0.35%": the mean's text with the sd's, if any, and one unit."""
+    return f"{text}{unit}" if sd_text is None else f"{text} {PM} {sd_text}{unit}"
 
 
-def count(v: Any, sign: bool = False) -> str:
-    return DASH if _missing(v) else (f"{int(v):+,}" if sign else f"{int(v):,}")
+def pct(v: Any, sd: Any = None) -> str:
+    """A fraction in percent, "84.12%"; with an sd "84.12 ± 0.35%"."""
+    if _missing(v):
+        return DASH
+    return _spread(f"{100 * float(v):.2f}", None if _missing(sd) else f"{100 * float(sd):.2f}",
+                   "%")
+
+
+def pp(v: Any, sd: Any = None) -> str:
+    """A difference of fractions in percentage points, "+5.00 pp" / "+5.00 ± 0.40 pp"."""
+    if _missing(v):
+        return DASH
+    return _spread(f"{100 * float(v):+.2f}",
+                   None if _missing(sd) else f"{100 * float(sd):.2f}", " pp")
+
+
+def _int_text(v: float, sign: bool = False) -> str:
+    v = float(v)
+    if v.is_integer():
+        return f"{int(v):+,}" if sign else f"{int(v):,}"
+    return f"{v:+,.1f}" if sign else f"{v:,.1f}"
+
+
+def count(v: Any, sign: bool = False, sd: Any = None) -> str:
+    """A count ("1,250"; a mean that is not whole: "1,250.5"); ± sd only when the
+    seeds' counts differ (sd > 0)."""
+    if _missing(v):
+        return DASH
+    spread = None if _missing(sd) or float(sd) == 0 else _int_text(round(float(sd), 1))
+    return _spread(_int_text(v, sign), spread)
 
 
 def _text(v: Any) -> str:
     return DASH if _missing(v) or v == "" else str(v)
 
 
-def _api(row: Mapping[str, Any]) -> str:
+def seconds(v: Any, sd: Any = None) -> str:
+    if _missing(v):
+        return DASH
+    return _spread(f"{float(v):.1f}", None if _missing(sd) else f"{float(sd):.1f}")
+
+
+def p_value(v: Any, sd: Any = None) -> str:
+    if _missing(v):
+        return DASH
+    return _spread(f"{float(v):.3g}", None if _missing(sd) else f"{float(sd):.3g}")
+
+
+def _api(row: Mapping[str, Any], col: str = "api") -> str:
     api, name = row.get("api"), row.get("api_name")
     if _missing(name) or name in ("", api):
         return _text(api)
     return f"{name}: {_text(api)}"
 
 
-def seconds(v: Any) -> str:
-    return DASH if _missing(v) else f"{float(v):.1f}"
+def _strategy(row: Mapping[str, Any], col: str = "strategy") -> str:
+    """The strategy; a random baseline names the experiment it is matched to."""
+    of = row.get("baseline_of")
+    text = _text(row.get(col))
+    return text if _missing(of) or of == "" else f"{text} (baseline of {of})"
 
 
-#: (header, formatter) of each displayed column; the ``OPTIONAL`` ones are left out of a
-#: stage whose experiments all lack them
+def _verified(row: Mapping[str, Any], col: str = "dawn_verified") -> str:
+    """Seeds verified of n ("2/2"); a single run without ``n``: yes / no."""
+    share, n = row.get(col), row.get("n")
+    if _missing(share):
+        return DASH
+    if _missing(n):
+        return "yes" if share else "no"
+    return f"{round(float(share) * int(n))}/{int(n)}"
+
+
+def _plain(fmt: Any) -> Any:
+    """A formatter of one cell's value."""
+    return lambda row, col: fmt(row.get(col))
+
+
+def _with_spread(fmt: Any) -> Any:
+    """A formatter of a mean and its ``<col>_sd`` (just the mean where there is none)."""
+    return lambda row, col: fmt(row.get(col), sd=row.get(f"{col}_sd"))
+
+
+#: (header, formatter(row, column)) of each displayed column; the ``OPTIONAL`` ones are
+#: left out of a stage whose experiments all lack them
 DISPLAY: dict[str, tuple[str, Any]] = {
-    "experiment": ("experiment", _text),
-    "strategy": ("strategy", _text),
-    "api": ("API", None),  # from api_name and api
-    "queries": ("queries", count),
-    "test_accuracy": ("test acc.", pct),
-    "fidelity": ("fidelity", pct),
-    "fidelity_on_victim_errors": ("fid. on victim errors", pct),
-    "fidelity_gain": ("fid. gain over control", pp),
-    "trigger_wsr": ("WSR", pct),
-    "dawn_agreement": ("DAWN agreement", pct),
-    "dawn_p_value": ("DAWN p", lambda v: DASH if _missing(v) else f"{float(v):.3g}"),
-    "dawn_verified": ("verified", lambda v: DASH if _missing(v) else ("yes" if v else "no")),
-    "api_honest_accuracy": ("API honest acc.", pct),
-    "wall_time_s": ("wall time (s)", seconds),
-    "study_test_accuracy": ("study acc.", pct),
-    "test_accuracy_vs_study": ("Δ acc.", pp),
-    "study_fidelity": ("study fid.", pct),
-    "fidelity_vs_study": ("Δ fid.", pp),
-    "study_queries": ("study queries", count),
-    "queries_vs_study": ("Δ queries", lambda v: count(v, sign=True)),
-    "study_trigger_wsr": ("study WSR", pct),
-    "trigger_wsr_vs_study": ("Δ WSR", pp),
-    "study_note": ("study note", _text),
+    "experiment": ("experiment", _plain(_text)),
+    "strategy": ("strategy", _strategy),
+    "api": ("API", _api),
+    "n": ("n", _plain(count)),
+    "queries": ("queries", _with_spread(count)),
+    "test_accuracy": ("test acc.", _with_spread(pct)),
+    "fidelity": ("fidelity", _with_spread(pct)),
+    "fidelity_on_victim_errors": ("fid. on victim errors", _with_spread(pct)),
+    "fidelity_gain": ("fid. gain over control", _with_spread(pp)),
+    "random_gain": ("fid. gain over random (same budget)", _with_spread(pp)),
+    "trigger_wsr": ("WSR", _with_spread(pct)),
+    "trigger_wsr_nontarget": ("WSR (non-target)", _with_spread(pct)),
+    "dawn_agreement": ("DAWN agreement", _with_spread(pct)),
+    "dawn_p_value": ("DAWN p", _with_spread(p_value)),
+    "dawn_verified": ("verified", _verified),
+    "api_honest_accuracy": ("API honest acc.", _with_spread(pct)),
+    "wall_time_s": ("wall time (s)", _with_spread(seconds)),
+    "study_test_accuracy": ("study acc.", _plain(pct)),
+    "test_accuracy_vs_study": ("Δ acc.", _plain(pp)),
+    "study_fidelity": ("study fid.", _plain(pct)),
+    "fidelity_vs_study": ("Δ fid.", _plain(pp)),
+    "study_queries": ("study queries", _plain(count)),
+    "queries_vs_study": ("Δ queries", _plain(lambda v: count(v, sign=True))),
+    "study_trigger_wsr": ("study WSR", _plain(pct)),
+    "trigger_wsr_vs_study": ("Δ WSR", _plain(pp)),
+    "study_note": ("study note", _plain(_text)),
 }
-OPTIONAL = {*VERIFICATION_KEYS, "study_trigger_wsr", "trigger_wsr_vs_study", "study_note"}
+OPTIONAL = {*VERIFICATION_KEYS, "random_gain", "study_trigger_wsr", "trigger_wsr_vs_study",
+            "study_note"}
+#: columns shown only in these stages (and there only where measured)
+STAGE_ONLY = {"trigger_wsr_nontarget": {3}}
 
 #: the Stage-0 table: victim columns, then those it shares with :data:`DISPLAY`
 VICTIM_DISPLAY: dict[str, tuple[str, Any]] = {
-    "victim": ("victim", _text),
-    "arch": ("arch", _text),
-    "width": ("width", _text),
-    "train_images": ("train images", count),
-    "watermark_fraction": ("trigger copies", pct),
+    "victim": ("victim", _plain(_text)),
+    "arch": ("arch", _plain(_text)),
+    "width": ("width", _plain(_text)),
+    "train_images": ("train images", _plain(count)),
+    "watermark_fraction": ("trigger copies", _plain(pct)),
     **{k: DISPLAY[k] for k in ("test_accuracy", "trigger_wsr")},
-    "train_time_s": ("training (s)", seconds),
+    "train_time_s": ("training (s)", _plain(seconds)),
     **{k: DISPLAY[k] for k in ("study_test_accuracy", "test_accuracy_vs_study", "study_note")},
 }
 
 
 def _format(df: pd.DataFrame, spec: Mapping[str, tuple[str, Any]],
-            drop_empty: set[str] = frozenset()) -> pd.DataFrame:
+            drop: set[str] = frozenset()) -> pd.DataFrame:
+    records = df.to_dict("records")
     out = {}
     for col, (header, fmt) in spec.items():
-        if col in drop_empty and all(_missing(v) for v in df[col]):
+        if col in drop and all(_missing(v) for v in df[col]):
             continue
-        if col == "api":
-            out[header] = [_api(r) for r in df.to_dict("records")]
-        else:
-            out[header] = [fmt(v) for v in df[col]]
+        out[header] = [fmt(r, col) for r in records]
     return pd.DataFrame(out, columns=list(out))
 
 
 def display_sections(df: pd.DataFrame) -> list[tuple[int, str, pd.DataFrame]]:
     """Per stage: (stage, heading, table of display strings). Stage-3 columns appear only
-    in stages whose experiments have them."""
+    in stages whose experiments have them (``WSR (non-target)`` only in Stage 3), the
+    gain over random only in stages with a matched random baseline."""
     sections = []
     for stage, part in df.groupby("stage", sort=True):
         stage = int(stage)
+        spec = {c: v for c, v in DISPLAY.items() if stage in STAGE_ONLY.get(c, {stage})}
         title = f"Stage {stage}: {STAGE_TITLES.get(stage, '')}".rstrip(": ")
-        sections.append((stage, title, _format(part, DISPLAY, OPTIONAL)))
+        sections.append((stage, title, _format(part, spec, OPTIONAL)))
     return sections
 
 
@@ -338,7 +625,7 @@ def to_markdown(df: pd.DataFrame, victims: pd.DataFrame | None = None,
 
 
 #: characters of the display tables that (pdf)LaTeX does not take literally
-LATEX_SYMBOLS = {"Δ": r"$\Delta$", DASH: "--"}
+LATEX_SYMBOLS = {"Δ": r"$\Delta$", PM: r"$\pm$", DASH: "--"}
 
 
 def _latex_table(table: pd.DataFrame, caption: str, label: str) -> str:
@@ -396,10 +683,22 @@ def table_notes(dataset: str, title: str | None = None,
     """The sentences printed above the tables: what was run and what the study's columns
     are."""
     ref_data = (reference or Reference()).dataset
-    notes = [f"Run: {title or 'mextract'}; data set: {dataset}. Percentages are of the test "
-             "set; fidelity = agreement with the victim's test predictions; fid. gain = "
-             "fidelity minus the stage's control (true labels, zero queries); Δ = ours minus "
-             "the study's, in percentage points (queries: in queries)."]
+    notes = [f"Run: {title or 'mextract'}; data set: {dataset}. Each experiment ran once per "
+             "substitute seed; a number is the mean ± sample standard deviation over its "
+             "n seeds (column n; just the mean when n = 1; queries have a ± only where the "
+             "seeds spent different numbers). Percentages are of the test set; fidelity = "
+             "agreement with the victim's test predictions; verified = seeds whose DAWN "
+             "verification succeeded, of n.",
+             "fid. gain over control = mean fidelity minus that of the stage's control (true "
+             "labels, zero queries); fid. gain over random (same budget) = an adaptive "
+             "strategy's mean fidelity minus that of its random baseline (the row below it, "
+             "'baseline of'), which spends the same queries on uniformly random inputs. A "
+             "gain has a ± where both experiments ran the same seeds: the sd of the per-seed "
+             "differences.",
+             "WSR = share of all stamped test images classified as the trigger's target; "
+             "WSR (non-target) = the same over the images whose true class is not the "
+             "target. Δ = our mean minus the study's, in percentage points (queries: in "
+             "queries)."]
     if dataset != ref_data:
         notes.append(f"The study's columns are its {ref_data} numbers "
                      "(../shared/reference/study.md); this run uses another data set, so "

@@ -158,11 +158,11 @@ def test_spsg_runs_within_budget_and_reuses_its_log(digits, victim, tmp_path):
     p = params("spsg", budget=budget, rounds=2)
     result = spsg.run(ctx, p)
     assert 0 < result.queries == api.queries <= budget
-    assert budget - result.queries < 1 + 64  # at most one base image's cost is left
+    assert result.queries == budget  # what probes leave over buys plain base images
     log = result.query_log
     assert log is not None and (tmp_path / "query_log.pt").exists()
     assert log["count"] == api.queries
-    assert api.queries == int((1 + spsg.segment_counts(log["segments"])).sum())
+    assert api.queries == int((1 + spsg.probe_counts(log["segments"], log["probed"])).sum())
     assert torch.equal(log["images"], digits["pool"][log["indices"]])
     rows = result.history
     assert rows[0]["round"] == 1 and rows[-1]["round"] == 2
@@ -174,3 +174,26 @@ def test_spsg_runs_within_budget_and_reuses_its_log(digits, victim, tmp_path):
     again = spsg.run(make_ctx(digits, victim, tmp_path, api=fresh), p)
     assert fresh.queries == 0 and again.extra["queries_from_log"]
     assert again.queries == result.queries
+
+
+def test_spsg_splits_its_budget_between_probes_and_plain_images(digits, victim, tmp_path):
+    """probe_share of the budget buys probed base images (1 + K queries each), the rest
+    plain base images (1 query each); plain images carry no gradient target."""
+    budget, share = 200, 0.3
+    api = VictimAPI(victim, "soft", budget=budget, compute=CPU)
+    ctx = make_ctx(digits, victim, tmp_path, api=api)
+    log = spsg.collect(ctx, params("spsg", budget=budget, rounds=2, probe_share=share))
+    probed = log["probed"]
+    cost = 1 + spsg.probe_counts(log["segments"], probed)
+    assert int(cost.sum()) == api.queries == budget
+    probe_queries = int(cost[probed].sum())
+    assert 0 < probe_queries <= share * budget  # the probes' share is never exceeded
+    assert share * budget - probe_queries < 2 * (1 + 16)  # one image per slice at most
+    assert int((~probed).sum()) == budget - probe_queries  # the rest: one query each
+    assert not log["perturbed_answers"][~probed].any()
+    inputs, batch = spsg.training_set(log, 2, params("spsg", probe_share=share))
+    assert len(inputs) == api.queries  # every answer is a KD example
+    has_target = batch["target"].flatten(1).abs().sum(1) > 0
+    assert not has_target[:len(probed)][~probed].any()
+    assert has_target[:len(probed)][probed].float().mean() > 0.5
+    assert len(torch.unique(log["indices"])) == len(log["indices"])  # distinct images

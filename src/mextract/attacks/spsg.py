@@ -70,7 +70,7 @@ from mextract.train import Batch, Objective, kd_loss
 #: version of SPSG's query-log fields and of the perturbation recipe training
 #: regenerates from them; part of the log's key (:func:`log_store`), so a log of another
 #: version is never reused (the store's own layout: :data:`mextract.querylog.FORMAT`)
-LOG_FORMAT = 1
+LOG_FORMAT = 2
 #: answer differences below this are float32 rounding, not signal
 NOISE_FLOOR = 1e-6
 
@@ -159,15 +159,23 @@ def purify(grads: torch.Tensor, threshold: float) -> torch.Tensor:
     return out.view_as(grads)
 
 
-def ask(api: VictimAPI, images: torch.Tensor, seg: torch.Tensor,
-        epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query the base images and every valid perturbed copy in one API call.
+def probe_counts(seg: torch.Tensor, probed: torch.Tensor | None = None) -> torch.Tensor:
+    """Perturbed copies asked per base image (N,): its superpixel count K_i where it is
+    probed, 0 where it is only answered as it is (``probed`` None: all probed)."""
+    counts = segment_counts(seg)
+    return counts if probed is None else counts * probed.long()
+
+
+def ask(api: VictimAPI, images: torch.Tensor, seg: torch.Tensor, epsilon: float,
+        probed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query the base images and the perturbed copies of the probed ones (``probed``
+    None: all) in one API call.
 
     Returns (answers for the bases (N, C), answers for the copies (N, k_max, C), zero
-    where k >= K_i). Costs N + sum K_i queries.
+    where k >= K_i or the image is not probed). Costs N + sum of the probed K_i queries.
     """
-    counts = segment_counts(seg)
-    k_max = int(counts.max())
+    counts = probe_counts(seg, probed)
+    k_max = max(1, int(counts.max()))
     pert, _ = perturb(images, seg, epsilon, k_max)
     valid = torch.arange(k_max)[None, :] < counts[:, None]
     answers = api.query(torch.cat([images, pert[valid]]))
@@ -233,7 +241,7 @@ def training_set(log: dict[str, Any], upto: int, params: dict[str, Any]
     sel = log["round"] < upto
     images, seg = log["images"][sel], log["segments"][sel]
     p_base, p_pert = log["answers"][sel], log["perturbed_answers"][sel]
-    counts = segment_counts(seg)
+    counts = probe_counts(seg, log["probed"][sel])
     k_max = p_pert.shape[1]
     eps, temp = float(params["epsilon"]), float(params["temperature"])
     pert, sign = perturb(images, seg, eps, k_max)
@@ -262,43 +270,66 @@ def log_store(ctx: AttackContext, params: dict[str, Any]) -> QueryLogStore:
     return QueryLogStore.for_context(ctx, "spsg", params, recipe=LOG_FORMAT)
 
 
+def split_budget(budget: int, probe_share: float, rounds: int, r: int) -> tuple[int, int]:
+    """Cumulative (probe, total) query goals after slice ``r`` of ``rounds``: a share
+    ``probe_share`` of the budget goes to probed base images (1 + K queries each), the
+    rest to base images answered as they are (1 query each)."""
+    total = budget * (r + 1) // rounds
+    return int(round(total * probe_share)), total
+
+
 def collect(ctx: AttackContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Spend the budget: pick base images at random, slice by slice, and ask the API."""
+    """Spend the budget: random base images, slice by slice; in each slice first the
+    probed ones (up to the slice's probe share), then plain ones up to its goal."""
     if ctx.api is None:
         raise ValueError("spsg is adaptive and needs the live API")
     budget, rounds = int(params["budget"]), int(params["rounds"])
+    share = float(params["probe_share"])
     n_seg, compact = int(params["n_segments"]), float(params["compactness"])
     eps = float(params["epsilon"])
     order = torch.randperm(len(ctx.pool), generator=torch.Generator().manual_seed(ctx.seed))
     start = ctx.api.queries
     parts: list[dict[str, torch.Tensor]] = []
     pos = 0
+    probe_spent = 0  # queries spent on probed base images and their copies, cumulative
     for r in range(rounds):
-        goal = budget * (r + 1) // rounds  # cumulative queries after this slice
-        chosen, segs, spent = [], [], ctx.api.queries - start
-        while pos < len(order):
+        probe_goal, goal = split_budget(budget, share, rounds, r)
+        chosen, segs = [], []
+        spent = ctx.api.queries - start
+        # this slice's probes: up to the probe goal, never past the slice's total goal
+        allowed = min(probe_goal - probe_spent, goal - spent)
+        used = 0
+        while pos < len(order) and used < allowed:
             # SLIC costs milliseconds per image: segment about what the slice can buy
-            cand = order[pos:pos + min(256, (goal - spent) // (1 + n_seg) + 8)]
+            cand = order[pos:pos + min(256, (allowed - used) // (1 + n_seg) + 8)]
             seg = superpixels(ctx.pool[cand], n_seg, compact)
             cost = 1 + segment_counts(seg)
-            take = (spent + cost.cumsum(0)) <= goal
+            take = (used + cost.cumsum(0)) <= allowed
             n_take = int(take.long().cumprod(0).sum())  # the prefix that fits
             chosen.append(cand[:n_take])
             segs.append(seg[:n_take])
-            spent += int(cost[:n_take].sum())
+            used += int(cost[:n_take].sum())
             pos += n_take
             if n_take < len(cand):
                 break
+        n_probed = sum(len(c) for c in chosen)
+        probe_spent += used
+        spent += used
+        n_plain = max(0, min(goal - spent, len(order) - pos))
+        plain = order[pos:pos + n_plain]
+        pos += n_plain
+        chosen.append(plain)
+        segs.append(torch.zeros(n_plain, *ctx.pool.shape[2:], dtype=torch.uint8))
         idx, seg = torch.cat(chosen), torch.cat(segs)
         if len(idx) == 0:
             continue
-        p_base, p_pert = ask(ctx.api, ctx.pool[idx], seg, eps)
-        parts.append({"indices": idx, "segments": seg, "answers": p_base,
+        probed = torch.arange(len(idx)) < n_probed
+        p_base, p_pert = ask(ctx.api, ctx.pool[idx], seg, eps, probed)
+        parts.append({"indices": idx, "segments": seg, "probed": probed, "answers": p_base,
                       "perturbed_answers": p_pert,
                       "round": torch.full((len(idx),), r, dtype=torch.int64)})
     if not parts:
-        raise ValueError(f"spsg: a budget of {budget} queries buys no base image "
-                         f"(each costs 1 + its superpixel count)")
+        raise ValueError(f"spsg: a budget of {budget} queries buys no base image")
     k_max = max(p["perturbed_answers"].shape[1] for p in parts)
     for p in parts:
         pa = p["perturbed_answers"]
@@ -325,7 +356,7 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
     for r in rounds:
         last = r == rounds[-1]
         sel = log["round"] <= r
-        queries = int((1 + segment_counts(log["segments"][sel])).sum())
+        queries = int((1 + probe_counts(log["segments"][sel], log["probed"][sel])).sum())
         inputs, targets = training_set(log, r + 1, params)
         cfg = ctx.train_cfg if last else dataclasses.replace(
             ctx.train_cfg, eval_every=max(1, ctx.train_cfg.epochs))
@@ -334,9 +365,14 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
         history.extend(rows if last else rows[-1:])
     assert model is not None
     count = int(log["count"])
+    probed = log["probed"]
     extra: dict[str, Any] = {"base_images": len(log["indices"]),
-                             "mean_superpixels": float(segment_counts(log["segments"])
-                                                       .float().mean()),
+                             "probed_images": int(probed.sum()),
+                             "probe_queries": int((1 + probe_counts(log["segments"][probed]))
+                                                  .sum()),
+                             "mean_superpixels": float(segment_counts(log["segments"][probed])
+                                                       .float().mean()) if probed.any()
+                             else 0.0,
                              **store.extra(log)}
     if not from_log and count != store.asked:
         raise RuntimeError("spsg: the log's count differs from the API's counter")

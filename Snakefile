@@ -18,3 +18,4 @@ rule all:
     default_target: True
     input:
         rules.make_table.output,
+        rules.summarize_run.output,

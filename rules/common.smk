@@ -2,6 +2,8 @@
 run's config (src/mextract/config.py holds the logic and is tested on its own)."""
 
 import copy
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,3 +70,14 @@ VICTIM_PLOTS = expand(f"{RESULTS}/report/victims_training.{{ext}}", ext=["png", 
 VICTIM_METRICS = expand(
     f"{RESULTS}/victims/{{victim}}/metrics.json", victim=mc.used_victims(config)
 )
+
+
+def run_command():
+    """The snakemake command line's config part (for the generated results page; the
+    number of cores is not part of it: each job's threads are in the config)."""
+    parts = ["snakemake"]
+    for path in workflow.config_settings.configfiles:
+        parts += ["--configfile", os.path.relpath(path)]
+    if workflow.config_settings.config_args:
+        parts += ["--config", *map(shlex.quote, workflow.config_settings.config_args)]
+    return " ".join(parts)

@@ -7,6 +7,7 @@
 localrules:
     all,
     make_table,
+    summarize_run,
     plot_stage,
     plot_victims,
 
@@ -112,6 +113,27 @@ rule make_table:
         code=fingerprint("report"),
     script:
         "../workflow/scripts/make_table.py"
+
+
+rule summarize_run:
+    input:
+        table=rules.make_table.output.md,
+    output:
+        md=f"{RESULTS}/summary.md",
+    log:
+        f"{RESULTS}/logs/summarize_run.log",
+    conda:
+        ENV
+    params:
+        title=config["title"],
+        command=run_command(),
+        compute=config["compute"],
+        seeds=config["seeds"],
+        benchmarks=f"{RESULTS}/benchmarks",
+        logs=f"{RESULTS}/logs",
+        code=fingerprint("timings"),
+    script:
+        "../workflow/scripts/summarize_run.py"
 
 
 onsuccess:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from mextract import bench
+from mextract import bench, timings
 from mextract.augment import (
     TRIVIAL_OPS,
     _trivial_magnitudes,
@@ -239,7 +239,7 @@ def test_summarize_benchmark_files(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "train_victim" / "clean.tsv").write_text(
         header + "120.0\t0:02:00\t1500.0\t2000\t1400\t1450\t1\t2\t190.5\t230.0\n")
     (tmp_path / "empty.tsv").write_text(header)
-    table = bench.summarize(tmp_path)
+    table = timings.summarize(tmp_path)
     assert list(table["rule"]) == ["train_victim", "prepare_data"]
     assert list(table["job"]) == ["clean", ""]
     assert table["s"].tolist() == [120.0, 3.5] and table["max_rss"].tolist() == [1500.0, 500.1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from mextract import fingerprint as fp
 
 LAYERS = [
-    {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models"},
+    {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models", "timings"},
     {"data", "metrics", "train"},
     {"watermark", "defences", "api", "querylog"},
     {"queries"},
@@ -69,9 +69,10 @@ def test_no_import_cycles():
 
 def test_the_workflow_side_modules_stay_torch_free():
     """The workflow imports these while it builds the DAG (no torch there)."""
-    for module in ("config", "report", "fingerprint", "defaults", "attacks/registry"):
+    for module in ("config", "report", "fingerprint", "defaults", "timings", "attacks/registry"):
         closure = fp.closure([module])
         heavy = [m for m in closure if m not in
-                 ("config", "report", "fingerprint", "defaults", "attacks", "attacks/registry",
+                 ("config", "report", "fingerprint", "defaults", "timings", "attacks",
+                  "attacks/registry",
                   "__init__")]
         assert not heavy, f"{module} pulls in {heavy}"

@@ -41,7 +41,7 @@ def test_changed_parameter_reruns_only_that_experiment(demo_run):
     jobs = scheduled_jobs(proc)
     assert jobs.get("run_attack") == 1, proc.stdout[-3000:]
     assert "wildcards: exp=kd" in proc.stdout
-    assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "all"}, jobs
+    assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "summarize_run", "all"}, jobs
 
 
 def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
@@ -54,7 +54,7 @@ def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
         module.write_text(original)
     jobs = scheduled_jobs(proc)
     assert jobs.get("run_attack") == 1 and "wildcards: exp=kd" in proc.stdout, proc.stdout[-3000:]
-    assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "all"}, jobs
+    assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "summarize_run", "all"}, jobs
 
 
 def test_comment_in_library_code_reruns_nothing(demo_run):

@@ -440,48 +440,6 @@ def format_augment(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------- workflow timings
-BENCHMARK_COLUMNS = ("s", "max_rss", "cpu_time", "mean_load")
-
-
-def summarize(root: str | Path) -> Any:
-    """One row per Snakemake benchmark file under ``root`` (rule / wildcards from its
-    path): wall seconds ``s``, CPU seconds ``cpu_time``, max RSS in MB ``max_rss`` and
-    ``mean_load`` (Snakemake's name for the job's CPU use, cpu_time / s in percent),
-    as a DataFrame sorted by seconds. Files with several repeats give their mean."""
-    import pandas as pd
-
-    root = Path(root)
-    rows = []
-    for path in sorted(root.rglob("*.tsv")):
-        df = pd.read_csv(path, sep="\t", na_values=["-", "NA"])
-        if df.empty:
-            continue
-        rel = path.relative_to(root).with_suffix("")
-        rule, job = (rel.parts[0], "/".join(rel.parts[1:])) if len(rel.parts) > 1 \
-            else (rel.name, "")
-        row = {"rule": rule, "job": job}
-        for col in BENCHMARK_COLUMNS:
-            row[col] = float(pd.to_numeric(df[col], errors="coerce").mean()) \
-                if col in df else float("nan")
-        rows.append(row)
-    table = pd.DataFrame(rows, columns=["rule", "job", *BENCHMARK_COLUMNS])
-    return table.sort_values("s", ascending=False, ignore_index=True)
-
-
-def format_summary(table: Any) -> str:
-    if table.empty:
-        return "no benchmark files found"
-    lines = ["| rule | job | wall s | CPU s | max RSS MB | CPU use % |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in table.itertuples():
-        lines.append(f"| {r.rule} | {r.job} | {r.s:.1f} | {r.cpu_time:.1f} | "
-                     f"{r.max_rss:.0f} | {r.mean_load:.1f} |")
-    lines.append(f"| **total** | {len(table)} jobs | {table['s'].sum():.1f} | "
-                 f"{table['cpu_time'].sum():.1f} | {table['max_rss'].max():.0f} (max) | |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------- command line
 def make_compute(args: argparse.Namespace) -> Compute:
     if args.threads:
@@ -539,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "run")
     args = parser().parse_args(argv)
     if args.command == "summarize":
+        from mextract.timings import format_summary, summarize
+
         table = summarize(args.root)
         print(format_summary(table))
         result: Any = table.to_dict(orient="records")

@@ -1,0 +1,19 @@
+"""Write results/summary.md: the command, the run's wall time and the results tables
+(copied to docs/results/<config>.md for a committed run)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
+
+from mextract.io import write_text
+from mextract.runtime import logged
+from mextract.timings import run_summary
+
+with logged(snakemake.log[0]):
+    p = snakemake.params
+    c = p.compute
+    notes = [f"Each job computed on `{c['device']}` with {c['threads']} threads "
+             f"(compute.threads); substitute seeds {list(p.seeds)}."]
+    write_text(run_summary(p.title, p.command, Path(snakemake.input.table).read_text(),
+                           p.benchmarks, p.logs, notes), snakemake.output.md)

@@ -18,14 +18,23 @@ def scheduled_jobs(proc) -> dict[str, int]:
     return jobs
 
 
-def test_demo_table_has_kd_and_basic_above_chance(demo_run):
+def test_demo_table_has_kd_and_basic_where_the_demo_puts_them(demo_run):
     table = pd.read_csv(demo_run / "results" / "table.csv")
     assert (demo_run / "results" / "table.md").exists()
     rows = table.set_index("experiment")
-    for exp in ("kd", "basic"):
-        assert rows.loc[exp, "test_accuracy"] > 0.3, rows.loc[exp]  # 10 classes: chance 0.1
-        assert rows.loc[exp, "fidelity"] > 0.3, rows.loc[exp]
-        assert rows.loc[exp, "queries"] > 0
+    # measured (session of 2026-12-01, 2-core CPU, one thread per job): kd 87.50% test
+    # accuracy / 88.89% fidelity / 47.06% on the victim's errors, basic 89.17% / 86.39% /
+    # 29.41%, their controls 2.94% on the victim's errors (digits: 360 test images, 34
+    # victim errors); thresholds a few test images under those values
+    floors = {"kd": (0.85, 0.86, 0.40), "basic": (0.86, 0.83, 0.20)}
+    for exp, (acc, fid, on_errors) in floors.items():
+        row = rows.loc[exp]
+        assert row["test_accuracy"] > acc, row
+        assert row["fidelity"] > fid, row
+        assert row["fidelity_on_victim_errors"] > on_errors, row
+        control = rows.loc[row["control"]]
+        assert row["fidelity_on_victim_errors"] > control["fidelity_on_victim_errors"] + 0.15
+        assert row["queries"] == 719  # every pool image once (the API's counter)
 
 
 def test_nothing_to_do_after_a_run(demo_run):

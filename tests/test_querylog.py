@@ -5,12 +5,12 @@ API fingerprint (victim weights, mode, every defence setting); partial logs resu
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import TinyVictim
 from torch import nn
 
 from mextract.api import QueryBudgetExceeded, VictimAPI
@@ -42,26 +42,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "random_boundary": ("hard", {"pairs": 6, "steps": 3}),
 }
 
-
-class TinyVictim(nn.Module):
-    """A small random conv net with spread-out logits (diverse labels and margins)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Tanh(),
-                                 nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 8.0 * self.net(x)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@ answers) and ``random_boundary`` (boundary probing's pairs and budget, random po
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from conftest import TinyVictim, record_queries
 
 from mextract.api import QueryBudgetExceeded, VictimAPI
 from mextract.attacks import boundary, random_boundary, random_queries, registry
@@ -27,24 +26,7 @@ POOL, TEST = 64, 60
 SUBSTITUTE = {"arch": "vgg11", "width": 0.125}
 TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05}
 
-
-class TinyVictim(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Tanh(),
-                                 nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 8.0 * self.net(x)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +87,7 @@ def test_random_follows_the_apis_answers_and_counts_exactly(env, tmp_path, mode)
 
 def test_random_draws_distinct_uniform_pool_images(env, tmp_path):
     api = VictimAPI(env["victim"], "hard", compute=CPU)
-    asked: list[torch.Tensor] = []
-    answer = api.query
-
-    def recording(images: torch.Tensor) -> torch.Tensor:
-        asked.append(images.clone())
-        return answer(images)
-
-    api.query = recording  # type: ignore[method-assign]
+    asked = record_queries(api)
     params = {**registry.get("random").defaults, "budget": 40}
     result = random_queries.run(context(env, tmp_path, api), params)
     idx = result.query_log["indices"]
@@ -152,17 +127,10 @@ def test_random_boundary_asks_random_points_on_boundarys_pairs(env, tmp_path, ca
     params = {**registry.get("random_boundary").defaults, "pairs": pairs, "steps": steps,
               "pair_seed": 3}
     api = VictimAPI(env["victim"], "hard", compute=CPU)
-    calls: list[int] = []
-    answer = api.query
-
-    def counted(images: torch.Tensor) -> torch.Tensor:
-        calls.append(len(images))
-        return answer(images)
-
-    api.query = counted  # type: ignore[method-assign]
+    asked = record_queries(api)
     result = random_boundary.run(context(env, tmp_path / "rb", api, cache), params)
     log = result.query_log
-    assert calls == [pairs] * steps  # one batched call per step, as boundary asks
+    assert [len(a) for a in asked] == [pairs] * steps  # one batched call per step, as boundary asks
     assert api.queries == log["count"] == pairs * steps
     assert result.queries == cache["count"] + pairs * steps
 

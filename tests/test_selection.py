@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,9 @@ from mextract.train import TrainConfig
 CPU = Compute("cpu", amp=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread, as in test_stage2.py: on the shared 2-core machine two
-    threads made the substitute's forward passes here 20x slower (measured: 0.5 s vs
-    0.02 s for 40 images)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread: two made the substitute's forward passes here 20x slower on the
+# shared 2-core machine (measured: 0.5 s vs 0.02 s for 40 images)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sharp(model: torch.nn.Module, scale: float = 20.0) -> torch.nn.Module:

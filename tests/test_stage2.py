@@ -7,7 +7,6 @@ fidelity is.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_thread, record_queries
 from scipy import stats
 from torch import nn
 
@@ -38,16 +38,6 @@ TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05}
 #: evaluated once, after the last epoch
 LEARN = {**TRAIN, "epochs": 5, "eval_every": 5}
 POOL = 160
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -162,14 +152,7 @@ def test_make_views_is_seeded_and_independent_of_threads(env: dict[str, Any]) ->
 def test_augmentation_queries_views_once_and_reuses_the_cache(env: dict[str, Any],
                                                               tmp_path: Path) -> None:
     api = hard_api(env)
-    asked: list[torch.Tensor] = []
-    answer = api.query
-
-    def recording(images: torch.Tensor) -> torch.Tensor:
-        asked.append(images.clone())
-        return answer(images)
-
-    api.query = recording  # type: ignore[method-assign]
+    asked = record_queries(api)
     k = 2
     cache = collect(api, env["pool"], registry.query_set("augmentation", {"views": k}))
     assert cache["query_set"] == "views-k2-s0"

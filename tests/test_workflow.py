@@ -53,25 +53,24 @@ def test_changed_parameter_reruns_only_that_experiment(demo_run):
     assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "summarize_run", "all"}, jobs
 
 
-def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
-    module = demo_run / "src" / "mextract" / "attacks" / "kd.py"
-    original = module.read_text()
-    module.write_text(original + "\n_CHANGED = True\n")
+def dry_run_with(demo_run, module: str, addition: str):
+    """A dry run of the demo with ``addition`` appended to a library module."""
+    path = demo_run / "src" / "mextract" / module
+    original = path.read_text()
+    path.write_text(original + addition)
     try:
-        proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
+        return snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
     finally:
-        module.write_text(original)
+        path.write_text(original)
+
+
+def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
+    proc = dry_run_with(demo_run, "attacks/kd.py", "\n_CHANGED = True\n")
     jobs = scheduled_jobs(proc)
     assert jobs.get("run_attack") == 1 and "wildcards: exp=kd" in proc.stdout, proc.stdout[-3000:]
     assert set(jobs) <= {"run_attack", "plot_stage", "make_table", "summarize_run", "all"}, jobs
 
 
 def test_comment_in_library_code_reruns_nothing(demo_run):
-    module = demo_run / "src" / "mextract" / "train.py"  # used by every training job
-    original = module.read_text()
-    module.write_text(original + "\n# a comment only\n")
-    try:
-        proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
-    finally:
-        module.write_text(original)
+    proc = dry_run_with(demo_run, "train.py", "\n# a comment only\n")  # every training job
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]

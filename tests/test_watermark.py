@@ -11,17 +11,20 @@ from mextract.compute import Compute
 from mextract.data import load_digits, make_split
 from mextract.defences import DawnWatermark
 from mextract.train import TrainConfig
-from mextract.victim import train_victim, victim_scores
-from mextract.watermark import (
+from mextract.victim import (
     add_trigger_copies,
+    train_victim,
+    trigger_mask,
+    victim_scores,
+    with_trigger,
+)
+from mextract.watermark import (
     binomial_p_value,
     dawn_verify,
     merge_logs,
     stamp,
-    trigger_mask,
     trigger_scores,
     trigger_wsr,
-    with_trigger,
 )
 
 CPU = Compute(device="cpu", amp=False, channels_last=False)

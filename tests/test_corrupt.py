@@ -202,7 +202,7 @@ def test_workflow_stops_on_a_corrupt_cache_and_weights(demo_run: Path, tmp_path:
     truncate(work / cache)  # newer than the experiment's outputs: kd reruns
     proc = snakemake(work, "results/experiments/kd/seed0/metrics.json", *args, check=False)
     assert proc.returncode != 0, proc.stdout[-3000:]
-    log = (work / "results/logs/run_attack/kd.log").read_text()
+    log = (work / "results/logs/run_attack/kd-seed0.log").read_text()
     assert f"'{cache}' does not match its recorded checksum" in log, log[-3000:]
     assert not (work / "results/experiments/kd/seed0/metrics.json").exists()
 

@@ -263,15 +263,19 @@ STAGE3_KEYS = ("test_accuracy", "fidelity", "queries", "trigger_wsr", "dawn_mark
 def test_demo_stage3_rows_carry_the_verification(demo_run):
     import yaml
 
+    from mextract import config as mc
     from mextract.io import load_artifact, read_json
 
-    cfg = yaml.safe_load((demo_run / "config" / "demo.yaml").read_text())
+    cfg = mc.prepare(yaml.safe_load((demo_run / "config" / "demo.yaml").read_text()))
     stage3 = {k: v for k, v in cfg["experiments"].items() if v["stage"] == 3}
     if not stage3:
         pytest.skip("config/demo.yaml has no stage-3 experiments")
     results = demo_run / "results"
-    for name, exp in stage3.items():
-        m = read_json(results / "experiments" / name / "metrics.json")
+    for name, seed in mc.experiment_jobs(cfg):
+        if name not in stage3:
+            continue
+        exp = stage3[name]
+        m = read_json(demo_run / mc.experiment_dir(name, seed) / "metrics.json")
         missing = [k for k in STAGE3_KEYS if k not in m]
         assert not missing, (name, missing)
         api = cfg["apis"][exp.get("verify_api", exp.get("api"))]

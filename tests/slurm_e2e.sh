@@ -240,7 +240,7 @@ GPU_RULES = {"train_victim", "collect_queries", "run_attack"}
 TIMING_COLUMNS = ["wall_time_s", "wall_time_s_sd"]
 # the SLURM run leaves out the random baselines: their rows and the columns that
 # name or compare with them are not compared
-BASELINE_COLUMNS = ["baseline", "random_gain", "random_gain_sd"]
+BASELINE_COLUMNS = ["baseline", "baseline_of", "random_gain", "random_gain_sd"]
 
 # Snakemake prints "rule X:" for jobs it submits and "localrule X:" for local ones.
 remote = re.findall(r"^rule (\w+):", log, flags=re.M)

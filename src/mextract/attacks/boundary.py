@@ -179,9 +179,17 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
     log = store.reuse()
     if log is None:
         log = store.save(_search(store.api, images, labels, params), complete=True)
+    return fit_pool_and_points(ctx, images, labels, cache, store, log, "boundary_points")
+
+
+def fit_pool_and_points(ctx: AttackContext, images: torch.Tensor, labels: torch.Tensor,
+                        cache: dict[str, Any], store: Any, log: dict[str, Any],
+                        points_key: str) -> AttackResult:
+    """Train on the pool cache's images and labels plus the log's asked points (boundary
+    probing and its random baseline); queries = the cache's count plus the log's."""
     queries = int(cache["count"]) + int(log["count"])
     model, history = fit(ctx, torch.cat([images, log["images"]]),
                          {"y": torch.cat([labels, log["labels"]])},
                          cross_entropy(ctx.train_cfg.label_smoothing), queries)
     return AttackResult(model, queries, history, query_log=log,
-                        extra={**store.extra(log), "boundary_points": len(log["labels"])})
+                        extra={**store.extra(log), points_key: len(log["labels"])})

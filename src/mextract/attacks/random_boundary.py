@@ -28,8 +28,7 @@ import torch
 
 from mextract.api import VictimAPI
 from mextract.attacks import boundary
-from mextract.attacks.base import AttackContext, AttackResult, cache_inputs, fit, require_cache
-from mextract.train import cross_entropy
+from mextract.attacks.base import AttackContext, AttackResult, cache_inputs, require_cache
 
 
 def random_points(n_pairs: int, steps: int, seed: int) -> torch.Tensor:
@@ -62,9 +61,5 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
     log = store.reuse()
     if log is None:
         log = store.save(_ask(store.api, images, labels, params, ctx.seed), complete=True)
-    queries = int(cache["count"]) + int(log["count"])
-    model, history = fit(ctx, torch.cat([images, log["images"]]),
-                         {"y": torch.cat([labels, log["labels"]])},
-                         cross_entropy(ctx.train_cfg.label_smoothing), queries)
-    return AttackResult(model, queries, history, query_log=log,
-                        extra={**store.extra(log), "random_points": len(log["labels"])})
+    return boundary.fit_pool_and_points(ctx, images, labels, cache, store, log,
+                                        "random_points")

@@ -294,6 +294,10 @@ def queries_to_flag(images_u8: torch.Tensor, classes: torch.Tensor, *,
     at which PRADA (``prada_kwargs`` for :class:`Prada`) flags it, or None. Stops at the
     end of the batch of ``batch_size`` queries in which it flags (batching does not
     change the result)."""
+    if max_queries is not None and max_queries < 0:
+        raise ValueError(f"queries_to_flag: max_queries must be >= 0, got {max_queries}")
+    if batch_size < 1:
+        raise ValueError(f"queries_to_flag: batch_size must be >= 1, got {batch_size}")
     n = len(images_u8) if max_queries is None else min(len(images_u8), int(max_queries))
     detector = Prada(**prada_kwargs)
     for start in range(0, n, batch_size):

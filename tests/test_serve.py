@@ -308,9 +308,11 @@ def test_the_demo_attacks_by_url_match_the_in_process_run(tmp_path: Path) -> Non
     once against the same victim served over HTTP: the same queries (and the server's
     counters agree), the same accuracy and fidelity."""
     targets = [f"results/experiments/{e}/seed0/metrics.json" for e in ("kd", "basic")]
+    (tmp_path / "local").mkdir()
+    (tmp_path / "remote").mkdir()
     local = copy_project(tmp_path / "local")
     _demo_config(local, {"soft": {"mode": "soft"}, "hard": {"mode": "hard"}})
-    snakemake(local, "--cores", "2", "--configfile", "config/byurl.yaml", *targets)
+    snakemake(local, *targets, "--cores", "2", "--configfile", "config/byurl.yaml")
 
     from mextract.experiment import load_victim
 
@@ -326,7 +328,7 @@ def test_the_demo_attacks_by_url_match_the_in_process_run(tmp_path: Path) -> Non
             "hard": {"mode": "hard", "url": hard_url, "key_env": "MEXTRACT_AUDIT_KEY"}})
         os.environ["MEXTRACT_AUDIT_KEY"] = "s3cret"
         try:
-            snakemake(remote, "--cores", "2", "--configfile", "config/byurl.yaml", *targets)
+            snakemake(remote, *targets, "--cores", "2", "--configfile", "config/byurl.yaml")
         finally:
             del os.environ["MEXTRACT_AUDIT_KEY"]
     for exp, mode in (("kd", "soft"), ("basic", "hard")):

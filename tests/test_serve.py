@@ -86,6 +86,7 @@ def test_remote_answers_are_bit_exact_and_counted_on_both_sides(server) -> None:
     ("wrong_dtype", 422, "wrong_dtype"),
     ("empty", 422, "empty_batch"),
     ("oversized", 413, "batch_too_large"),
+    ("huge_body", 413, "batch_too_large"),
     ("unknown_key", 401, "unknown_key"),
     ("no_key", 401, "missing_key"),
     ("not_npy", 400, "bad_payload"),
@@ -106,6 +107,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(
         r = post(url, to_npy(np.zeros((0, 3, 32, 32), np.uint8)))
     elif case == "oversized":
         r = post(url, to_npy(np.zeros((65, 3, 32, 32), np.uint8)))
+    elif case == "huge_body":  # refused from its Content-Length, before it is read
+        r = post(url, to_npy(np.zeros((300, 3, 32, 32), np.uint8)))
     elif case == "unknown_key":
         r = post(url, good, key="mallory")
     elif case == "no_key":

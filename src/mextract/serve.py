@@ -256,6 +256,11 @@ def create_app(api_factory: Callable[[], VictimAPI], keys: Mapping[str, str], *,
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         c = client_of(request)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > body_limit:
+            raise HTTPError(413, "batch_too_large",
+                            f"body of {length} bytes is larger than a batch of "
+                            f"max_batch={max_batch} images")
         body = await request.body()
         x = parse(request, body)
         digest = hashlib.sha256(body).hexdigest()

@@ -23,11 +23,15 @@ rule import_victim:
         history=f"{RESULTS}/victims/{{victim}}/history.csv",
     log:
         f"{RESULTS}/logs/import_victim/{{victim}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/import_victim/{{victim}}.tsv"
     wildcard_constraints:
         victim="|".join(re.escape(v) for v in BYO_VICTIMS) or "(?!)",
     conda:
         ENV
     threads: config["compute"]["threads"]
+    resources:
+        gpu=GPU,
     params:
         victim=lambda wc: config["victims"][wc.victim],
         compute=config["compute"],

@@ -46,8 +46,10 @@ with logged(snakemake.log[0]):
     write_text(pd.DataFrame([{"epoch": 0, "test_accuracy": scores["test_accuracy"]}])
                .to_csv(index=False), snakemake.output.history)
     write_json({
-        "victim": snakemake.wildcards.victim, **v,
+        "victim": snakemake.wildcards.victim,
+        **{k: val for k, val in v.items() if k not in ("train", "trivial_augment", "seed")},
         "arch": v["arch"] if source["type"] == "state_dict" else "torchscript",
+        "width": v["width"] if source["type"] == "state_dict" else None,
         "imported": True, "train_images": 0, **scores,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "compute": compute.as_dict(),

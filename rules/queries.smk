@@ -1,8 +1,9 @@
 rule collect_queries:
     input:
+        # the victim's weights (none for a served API, `apis.<name>.url`)
+        unpack(lambda wc: mc.api_victim_inputs(config, wc.api)),
         data=rules.prepare_data.output.data,
         split=rules.split_data.output.split,
-        victim=lambda wc: f"{RESULTS}/victims/{api_victim(wc)}/model.pt",
     output:
         cache=f"{RESULTS}/queries/{{api}}/{{qset}}.pt",
         # the defender's DAWN log of these answers (empty for an API without DAWN)
@@ -20,7 +21,7 @@ rule collect_queries:
         gpu=GPU,
     params:
         api=lambda wc: mc.api_settings(config, wc.api),
-        victim=lambda wc: config["victims"][api_victim(wc)],
+        victim=lambda wc: config["victims"].get(api_victim(wc)),
         compute=config["compute"],
         code=queries_code,
     script:

@@ -20,11 +20,11 @@ from mextract import fingerprint as fp
 LAYERS = [
     {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models", "timings"},
     {"data", "metrics", "train"},
-    {"watermark", "defences", "api", "querylog", "detection"},
+    {"watermark", "defences", "api", "querylog", "detection", "remote"},
     {"queries"},
     {"attacks"},  # the package and every module in it
-    {"victim", "experiment", "bench"},
-    {"config", "report", "plots", "runtime"},
+    {"victim", "experiment", "bench", "byo", "serve"},
+    {"config", "report", "plots", "runtime", "cli"},
 ]
 
 

@@ -159,6 +159,16 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
             "so an unshuffled split would give the victim and the pool different classes; "
             "set split.shuffle: true")
     for name, api in cfg["apis"].items():
+        if "url" in api:  # a served API: no victim here, the server holds the defences
+            if not api.get("key_env"):
+                problems.append(f"config key 'apis.{name}.key_env': a URL API needs the "
+                                "name of the environment variable holding its key")
+            if api["defences"]:
+                problems.append(f"config key 'apis.{name}.defences': a URL API's defences "
+                                "are the server's (mextract serve --api); remove them here")
+            continue
+        if "key_env" in api:
+            problems.append(f"config key 'apis.{name}.key_env': only for an API with 'url'")
         if api["victim"] not in cfg["victims"]:
             problems.append(
                 f"config key 'apis.{name}.victim': unknown victim '{api['victim']}' "
@@ -294,12 +304,44 @@ def experiment_files(cfg: Mapping[str, Any], name: str,
     return [f"{experiment_dir(e, s)}/{name}" for e, s in experiment_jobs(cfg) if e in wanted]
 
 
+#: victim name of an experiment against a served API (no victim entry: "remote:<api>")
+REMOTE = "remote:"
+
+
+def is_remote(cfg: Mapping[str, Any], api: str | None) -> bool:
+    """Whether an API entry is a served API (``url``) rather than a victim here."""
+    return api is not None and "url" in cfg["apis"].get(api, {})
+
+
+def byo_victims(cfg: Mapping[str, Any]) -> list[str]:
+    """Victims imported from a user's model file (``source``), not trained."""
+    return sorted(v for v, entry in cfg["victims"].items() if "source" in entry)
+
+
+def victim_pred_file(cfg: Mapping[str, Any], victim: str) -> str:
+    """The test predictions fidelity is measured against: a victim's, or for a served
+    API the API's answers on the test set (rule remote_test_predictions)."""
+    if victim.startswith(REMOTE) and victim not in cfg["victims"]:
+        return f"{RESULTS}/remote/{victim.removeprefix(REMOTE)}/test_predictions.pt"
+    return f"{RESULTS}/victims/{victim}/test_predictions.pt"
+
+
+def api_victim_inputs(cfg: Mapping[str, Any], api: str) -> dict[str, str]:
+    """The victim weights a job building API ``api`` loads (none for a served API)."""
+    if is_remote(cfg, api):
+        return {}
+    return {"victim": f"{RESULTS}/victims/{cfg['apis'][api]['victim']}/model.pt"}
+
+
 def victim_of(cfg: Mapping[str, Any], exp: str) -> str:
-    """Victim an experiment is measured against: its own key, its API's, or the first."""
+    """Victim an experiment is measured against: its own key, its API's, or the first
+    ("remote:<api>" for a served API)."""
     e = cfg["experiments"][exp]
     if "victim" in e:
         return e["victim"]
     if "api" in e:
+        if is_remote(cfg, e["api"]):
+            return f"{REMOTE}{e['api']}"
         return cfg["apis"][e["api"]]["victim"]
     return first_victim(cfg)
 
@@ -351,7 +393,7 @@ def watermark_logs(cfg: Mapping[str, Any], exp: str) -> list[str]:
 def trigger_of(cfg: Mapping[str, Any], victim: str) -> dict[str, int]:
     """A victim's trigger ({target, size}); the study's (3x3 patch, class 0) for a
     victim without a watermark."""
-    wm = cfg["victims"][victim].get("watermark") or {}
+    wm = cfg["victims"].get(victim, {}).get("watermark") or {}
     return {"target": wm.get("target", 0), "size": wm.get("size", 3)}
 
 
@@ -375,17 +417,17 @@ def attack_inputs(cfg: Mapping[str, Any], exp: str) -> dict[str, Any]:
     inputs: dict[str, Any] = {
         "data": f"{RESULTS}/data/dataset.pt",
         "split": f"{RESULTS}/data/split.pt",
-        "victim_pred": f"{RESULTS}/victims/{victim_of(cfg, exp)}/test_predictions.pt",
+        "victim_pred": victim_pred_file(cfg, victim_of(cfg, exp)),
     }
     cache = query_cache(cfg, exp)
     if cache:
         inputs["cache"] = cache
     if registry.get(e["strategy"]).adaptive:
-        inputs["victim"] = f"{RESULTS}/victims/{api_victim_of(cfg, exp)}/model.pt"
+        inputs.update(api_victim_inputs(cfg, e["api"]))
     if watermark_logs(cfg, exp):
         inputs["watermark_logs"] = watermark_logs(cfg, exp)
     verify_api = verify_api_of(cfg, exp)
-    if verify_api:
+    if verify_api and not is_remote(cfg, verify_api):
         inputs["verify_victim"] = f"{RESULTS}/victims/{cfg['apis'][verify_api]['victim']}/model.pt"
     return inputs
 
@@ -396,8 +438,10 @@ def attack_victims(cfg: Mapping[str, Any], exp: str) -> dict[str, Any]:
     e = cfg["experiments"][exp]
     verify_api = verify_api_of(cfg, exp)
     return {
-        "api": cfg["victims"][api_victim_of(cfg, exp)] if "api" in e else None,
-        "verify": cfg["victims"][cfg["apis"][verify_api]["victim"]] if verify_api else None,
+        "api": (cfg["victims"][api_victim_of(cfg, exp)]
+                if "api" in e and not is_remote(cfg, e["api"]) else None),
+        "verify": (cfg["victims"][cfg["apis"][verify_api]["victim"]]
+                   if verify_api and not is_remote(cfg, verify_api) else None),
     }
 
 
@@ -428,7 +472,7 @@ def api_settings(cfg: Mapping[str, Any], api: str) -> dict[str, Any]:
 
 
 def used_victims(cfg: Mapping[str, Any]) -> list[str]:
-    return sorted({victim_of(cfg, exp) for exp in cfg["experiments"]})
+    return sorted({victim_of(cfg, exp) for exp in cfg["experiments"]} & set(cfg["victims"]))
 
 
 def stages(cfg: Mapping[str, Any]) -> list[int]:

@@ -48,7 +48,21 @@ def check_answers(strategy: str, api: VictimAPI) -> None:
 
 
 def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute) -> VictimAPI:
-    """A victim API from its config entry (mode, defences, budget)."""
+    """A victim API from its config entry (mode, defences, budget). An entry with
+    ``url`` is a served API (``mextract serve``): a :class:`mextract.remote.RemoteAPI`
+    with the key from the environment variable named by ``key_env`` (no victim)."""
+    if "url" in api_cfg:
+        import os
+
+        from mextract.remote import RemoteAPI
+
+        key_env = api_cfg.get("key_env") or ""
+        if key_env not in os.environ:
+            raise ValueError(f"the API at {api_cfg['url']} needs its key in the "
+                             f"environment variable {key_env!r}, which is not set")
+        return RemoteAPI(api_cfg["url"], os.environ[key_env], mode=api_cfg.get("mode"),
+                         budget=api_cfg.get("budget"),
+                         batch_size=api_cfg.get("batch_size"))  # type: ignore[return-value]
     if victim is None:
         raise ValueError("an API needs the victim model")
     return VictimAPI(victim, mode=api_cfg["mode"], budget=api_cfg.get("budget"),
@@ -195,8 +209,14 @@ def verify_substitute(model: nn.Module, *, data: dict[str, Any], compute: Comput
 
 
 def load_victim(path: str | Path, victim_cfg: dict[str, Any], num_classes: int) -> nn.Module:
-    """Rebuild a victim from its config entry and load its weights (weights_only)."""
+    """Rebuild a victim from its config entry and load its weights (weights_only); a
+    victim with ``source`` (a user's model) loads through :func:`mextract.byo.load_byo`."""
     from mextract.io import load_artifact
+
+    if "source" in victim_cfg:
+        from mextract.byo import load_byo
+
+        return load_byo(path, victim_cfg, num_classes)
 
     model = build_model(victim_cfg["arch"], num_classes, victim_cfg.get("width"))
     model.load_state_dict(load_artifact(path))

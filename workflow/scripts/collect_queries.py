@@ -16,7 +16,10 @@ with logged(snakemake.log[0]):
     compute = setup(snakemake.params.compute, snakemake.threads)
     data = load_dataset(snakemake.input.data)
     pool = data["x_train"][load_artifact(snakemake.input.split)["pool"]]
-    victim = load_victim(snakemake.input.victim, snakemake.params.victim, len(data["classes"]))
+    victim = None  # a served API (`url`) has no victim here
+    if "victim" in dict(snakemake.input.items()):
+        victim = load_victim(snakemake.input.victim, snakemake.params.victim,
+                             len(data["classes"]))
     api = make_api(victim, snakemake.params.api, compute)
     cache = collect(api, pool, snakemake.wildcards.qset)
     eprint(f"{snakemake.wildcards.qset}: {cache['count']} queries answered by {cache['api']}")

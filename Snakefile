@@ -13,6 +13,7 @@ include: "rules/import.smk"
 include: "rules/queries.smk"
 include: "rules/attacks.smk"
 include: "rules/report.smk"
+include: "rules/matrix.smk"
 
 
 rule all:
@@ -20,3 +21,4 @@ rule all:
     input:
         rules.make_table.output,
         rules.summarize_run.output,
+        MATRIX,

@@ -67,6 +67,8 @@ STAGE_PLOTS = expand(
     ext=["png", "svg"],
 )
 VICTIM_PLOTS = expand(f"{RESULTS}/report/victims_training.{{ext}}", ext=["png", "svg"])
+# the defence matrix's outputs (rules/matrix.smk), when the config has one
+MATRIX = [f"{RESULTS}/matrix.md"] if config.get("matrix") else []
 VICTIM_METRICS = expand(
     f"{RESULTS}/victims/{{victim}}/metrics.json", victim=mc.used_victims(config)
 )

@@ -4,6 +4,7 @@ rule collect_queries:
         unpack(lambda wc: mc.api_victim_inputs(config, wc.api)),
         data=rules.prepare_data.output.data,
         split=rules.split_data.output.split,
+        defence_models=lambda wc: mc.defence_model_files(config, wc.api),
     output:
         cache=f"{RESULTS}/queries/{{api}}/{{qset}}.pt",
         # the defender's DAWN log of these answers (empty for an API without DAWN)

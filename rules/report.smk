@@ -82,7 +82,7 @@ rule plot_victims:
 
 rule make_table:
     input:
-        metrics=mc.experiment_files(config, "metrics.json"),
+        metrics=mc.experiment_files(config, "metrics.json", mc.table_experiments(config)),
         victims=VICTIM_METRICS,
         reference=REFERENCE,
         # Not read: listed so that `rule all`, which asks for the table, also builds
@@ -105,7 +105,7 @@ rule make_table:
     conda:
         ENV
     params:
-        experiments=list(config["experiments"]),
+        experiments=mc.table_experiments(config),
         seeds=config["seeds"],
         victims=mc.used_victims(config),
         dataset=config["dataset"]["name"],
@@ -118,6 +118,7 @@ rule make_table:
 rule summarize_run:
     input:
         table=rules.make_table.output.md,
+        matrix=MATRIX,
     output:
         md=f"{RESULTS}/summary.md",
     log:

@@ -100,8 +100,15 @@ def test_defaults_come_from_the_schema():
 
 
 def test_the_three_configs_name_the_same_experiments():
-    names = {name: list(mc.prepare(cfg)["experiments"]) for name, cfg in CONFIGS.items()}
+    names = {name: mc.table_experiments(mc.prepare(cfg)) for name, cfg in CONFIGS.items()}
     assert names["config"] == names["cifar10-cpu"] == names["demo"]
+    # the defence matrix: the full one in both CIFAR-10 configs, a part of it in the demo
+    full, cpu, demo = (mc.prepare(CONFIGS[n])["matrix"] for n in ("config", "cifar10-cpu",
+                                                                   "demo"))
+    assert full["defences"] == cpu["defences"] and full["attacks"] == cpu["attacks"]
+    assert set(demo["defences"]) <= set(full["defences"])
+    assert set(demo["attacks"]) <= set(full["attacks"])
+    assert len(demo["defences"]) - 1 >= 3 and len(demo["attacks"]) >= 3  # 3 x 3 at least
     stages = {e["stage"] for e in mc.prepare(CONFIGS["config"])["experiments"].values()}
     assert stages == {1, 2, 3}
     strategies = {e["strategy"] for e in mc.prepare(CONFIGS["config"])["experiments"].values()}

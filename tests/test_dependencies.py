@@ -6,11 +6,13 @@ the layers below it:
 
 0. foundations: io, compute, defaults, fingerprint, augment, models
 1. data, metrics, the training loop
-2. the victim API and its defence layers, watermarks, the query-log store
+2. the victim API and its defence layers, watermarks, the query-log store, PRADA
+   detection
 3. query caches
 4. attack strategies (attacks/*: the registry, the shared base and selection loop)
 5. what runs stages: victim training, one experiment, the benchmark
-6. what reads a whole run: config expansion, tables, plots, job set-up
+6. what reads a whole run: config expansion, tables, plots (the defence matrix's too),
+   job set-up
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ LAYERS = [
     {"queries"},
     {"attacks"},  # the package and every module in it
     {"victim", "experiment", "bench", "byo", "serve"},
-    {"config", "report", "plots", "runtime", "cli"},
+    {"config", "report", "plots", "runtime", "cli", "matrix"},
 ]
 
 

@@ -74,3 +74,29 @@ def test_changed_strategy_code_reruns_only_its_experiments(demo_run):
 def test_comment_in_library_code_reruns_nothing(demo_run):
     proc = dry_run_with(demo_run, "train.py", "\n# a comment only\n")  # every training job
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
+def test_demo_defence_matrix(demo_run):
+    """The demo's defence matrix: >= 3 defences x 3 attacks, each defended cell its own
+    job, honest-user costs, PRADA per attack with its benign FPR, figures."""
+    import json
+
+    table = pd.read_csv(demo_run / "results" / "matrix.csv")
+    defended = table[table["defence"] != "none"]
+    assert defended["defence"].nunique() >= 3 and table["attack"].nunique() >= 3
+    assert (table["n"] >= 1).all() and table["fidelity"].between(0, 1).all()
+    # soft-label kd against every probability stack; label-changing stacks for basic
+    assert {"top1", "mad", "adaptive_misinformation"} <= set(
+        table[table["attack"] == "kd"]["defence"])
+    costs = json.loads((demo_run / "results" / "matrix" / "costs.json").read_text())
+    apis = costs["apis"]
+    assert apis["mx-top1-soft"]["api_l1_distortion"] > 0.01  # top-1 truncation moves mass
+    assert apis["mx-top1-soft"]["api_changed_answers"] == 0  # and keeps the label
+    assert apis["soft"]["api_l1_distortion"] == 0
+    assert 0 <= costs["fpr"]["fpr"] <= 1 and costs["fpr"]["clients"] >= 1
+    detection = pd.read_csv(demo_run / "results" / "matrix_detection.csv")
+    assert set(detection["attack"]) == {"kd", "basic", "augmentation"}
+    assert (detection["examined"] > 0).all()
+    for name in ("matrix_heatmap.png", "matrix_utility.png"):
+        assert (demo_run / "results" / "report" / name).stat().st_size > 1000
+    assert "## Defence matrix" in (demo_run / "results" / "summary.md").read_text()

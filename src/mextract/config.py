@@ -40,6 +40,11 @@ SCHEMA = defaults.SCHEMA
 RESULTS = "results"
 #: name suffix of the equal-budget random baseline added for an adaptive experiment
 BASELINE_SUFFIX = "-random"
+#: name prefix of the defence matrix's generated experiments (``mx.<defence>.<attack>``)
+#: and APIs (``mx-<defence>-<soft|hard>``)
+MATRIX_PREFIX = "mx"
+#: defence layers that act on hard labels (the others act on probabilities)
+LABEL_LAYERS = ("honey", "dawn")
 
 
 class ConfigError(ValueError):
@@ -231,8 +236,8 @@ def add_random_baselines(cfg: dict[str, Any]) -> None:
             continue
         out[name] = exp
         strategy = registry.get(exp["strategy"])
-        if strategy.baseline is None:
-            continue
+        if strategy.baseline is None or "matrix" in exp:  # matrix cells: the attack's
+            continue  # own experiment has the baseline against the undefended API
         twin = f"{name}{BASELINE_SUFFIX}"
         if cfg["experiments"].get(twin, {}).get("baseline_of") == name:
             out[twin] = cfg["experiments"][twin]  # prepared before: idempotent
@@ -250,6 +255,210 @@ def add_random_baselines(cfg: dict[str, Any]) -> None:
     cfg["experiments"] = out
 
 
+# ------------------------------------------------------------------- defence matrix
+def _answer_kind(api: Mapping[str, Any]) -> str:
+    return "soft" if api["mode"] == "soft" else "hard"
+
+
+def keeps_top1(layer: Mapping[str, Any]) -> bool:
+    """Whether a probability layer's contract serves the victim's top-1 class
+    unchanged (tests/test_soft_defences.py checks each), so that behind a hard-label
+    API it changes no answer."""
+    kind = layer["type"]
+    if kind in ("topk", "rounding", "reverse_sigmoid"):
+        return True
+    if kind in ("noise", "mad"):
+        return bool(layer.get("keep_argmax", False))
+    return False
+
+
+def hard_equivalent(layers: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The layers of a stack that can change a hard-label answer: label layers, and
+    probability layers that may move the top-1 class. A hard-label API behind the
+    other layers answers exactly what it answers without them."""
+    return [dict(layer) for layer in layers
+            if layer["type"] in LABEL_LAYERS or not keeps_top1(layer)]
+
+
+def _find_api(cfg: Mapping[str, Any], api: Mapping[str, Any]) -> str | None:
+    for name, other in cfg["apis"].items():
+        if canonical(dict(other)) == canonical(dict(api)):
+            return name
+    return None
+
+
+def _matrix_plan(cfg: Mapping[str, Any], defence: str,
+                 attack: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """One cell of the defence matrix: (experiment name, its experiment entry or None
+    when the cell reuses an existing experiment, its API entry or None when that API
+    exists). Soft-label attacks against stacks with label layers are not cells
+    (:func:`matrix_applies`)."""
+    m = cfg["matrix"]
+    exp = cfg["experiments"][attack]
+    base_api = cfg["apis"][exp["api"]]
+    kind = _answer_kind(base_api)
+    layers = [dict(layer) for layer in m["defences"][defence]]
+    if kind == "hard":
+        layers = hard_equivalent(layers)
+    api = {**copy.deepcopy(dict(base_api)), "mode": kind, "defences": layers}
+    api_name = _find_api(cfg, api)
+    new_api = None
+    if api_name is None:
+        api_name = f"{MATRIX_PREFIX}-{defence}-{kind}"
+        new_api = api
+    train = {**exp.get("train", {}), **m.get("train", {})}
+    if api_name == exp["api"] and train == exp.get("train", {}):
+        return attack, None, new_api  # the attack's own experiment is this cell
+    cell = {k: copy.deepcopy(v) for k, v in exp.items()
+            if k not in ("baseline", "baseline_of", "train", "api")}
+    cell.update(api=api_name, matrix={"attack": attack, "defence": defence})
+    if train:
+        cell["train"] = train
+    if m.get("seeds"):
+        cell["seeds"] = list(m["seeds"])
+    return f"{MATRIX_PREFIX}.{defence}.{attack}", cell, new_api
+
+
+def matrix_applies(cfg: Mapping[str, Any], defence: str, attack: str) -> bool:
+    """Soft-label attacks run against stacks of probability layers only (a label layer
+    has no soft answer to change); hard-label attacks against every stack."""
+    kind = _answer_kind(cfg["apis"][cfg["experiments"][attack]["api"]])
+    layers = cfg["matrix"]["defences"][defence]
+    return kind == "hard" or not any(layer["type"] in LABEL_LAYERS for layer in layers)
+
+
+def add_matrix(cfg: dict[str, Any]) -> None:
+    """Expand ``matrix`` (defence stacks x attacks) into experiments ``mx.<d>.<a>``
+    (the attack's experiment entry against an API with the stack; tagged
+    ``matrix: {defence, attack}``) and APIs ``mx-<d>-<soft|hard>``. A cell whose API
+    answers exactly what the attack's own API answers (the same stack, or, for a
+    hard-label attack, probability layers that keep the top-1 class) and whose recipe
+    is the same reuses the attack's experiment; equal APIs share one name, so their
+    query caches are collected once. Idempotent on a prepared config."""
+    m = cfg.get("matrix")
+    if not m:
+        return
+    problems = [f"config key 'matrix.attacks': '{a}' is not an entry of 'experiments'"
+                for a in m["attacks"] if a not in cfg["experiments"]]
+    problems += [f"config key 'matrix.attacks': '{a}' never queries (strategy "
+                 f"'{cfg['experiments'][a]['strategy']}')" for a in m["attacks"]
+                 if a in cfg["experiments"] and "api" not in cfg["experiments"][a]]
+    problems += [f"config key 'matrix.attacks': '{a}' queries API "
+                 f"'{cfg['experiments'][a]['api']}', which already has defence layers"
+                 for a in m["attacks"] if cfg["experiments"].get(a, {}).get("api")
+                 in cfg["apis"] and cfg["apis"][cfg["experiments"][a]["api"]]["defences"]]
+    problems += [f"config key 'matrix.attacks': '{a}' queries the served API "
+                 f"'{cfg['experiments'][a]['api']}' (its defences are the server's)"
+                 for a in m["attacks"] if "url" in cfg["apis"].get(
+                     cfg["experiments"].get(a, {}).get("api"), {})]
+    for name in cfg["experiments"]:
+        if name.startswith(f"{MATRIX_PREFIX}.") and "matrix" not in cfg["experiments"][name]:
+            problems.append(f"config key 'experiments.{name}': names starting with "
+                            f"'{MATRIX_PREFIX}.' are reserved for the defence matrix")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    for defence in m["defences"]:
+        for attack in m["attacks"]:
+            if not matrix_applies(cfg, defence, attack):
+                continue
+            name, cell, new_api = _matrix_plan(cfg, defence, attack)
+            if new_api is not None:
+                cfg["apis"][f"{MATRIX_PREFIX}-{defence}-{_answer_kind(new_api)}"] = new_api
+            if cell is not None:
+                cfg["experiments"][name] = cell
+
+
+def matrix_cells(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every (defence, attack) cell of the prepared config's matrix: its experiment,
+    API, answer kind and whether it reuses another experiment's result."""
+    m = cfg.get("matrix")
+    if not m:
+        return []
+    cells = []
+    for defence in m["defences"]:
+        for attack in m["attacks"]:
+            if not matrix_applies(cfg, defence, attack):
+                continue
+            name, _, _ = _matrix_plan(cfg, defence, attack)
+            exp = cfg["experiments"][name]
+            cells.append({"defence": defence, "attack": attack, "experiment": name,
+                          "api": exp["api"], "answers": _answer_kind(cfg["apis"][exp["api"]]),
+                          "strategy": exp["strategy"], "stage": exp["stage"],
+                          "shared": name == attack})
+    return cells
+
+
+def matrix_apis(cfg: Mapping[str, Any]) -> list[str]:
+    """The APIs of the matrix's cells (each gets its honest-user cost measured)."""
+    return sorted({c["api"] for c in matrix_cells(cfg)})
+
+
+def matrix_controls(cfg: Mapping[str, Any]) -> list[str]:
+    """The no-theft controls of the stages the matrix's attacks are in."""
+    stages_ = {cfg["experiments"][a]["stage"] for a in (cfg.get("matrix") or {}).get(
+        "attacks", [])}
+    return [name for name, e in cfg["experiments"].items()
+            if e["strategy"] == "control" and e["stage"] in stages_ and "matrix" not in e]
+
+
+def matrix_victims(cfg: Mapping[str, Any]) -> list[str]:
+    return sorted({cfg["apis"][a]["victim"] for a in matrix_apis(cfg)})
+
+
+def matrix_metric_files(cfg: Mapping[str, Any]) -> list[str]:
+    """The metrics of every cell's jobs and of the stage controls."""
+    exps = list(dict.fromkeys([c["experiment"] for c in matrix_cells(cfg)]
+                              + matrix_controls(cfg)))
+    return experiment_files(cfg, "metrics.json", exps)
+
+
+def defence_model_specs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every defence model any API needs, by its key
+    (:func:`mextract.defence_specs.required_models`)."""
+    from mextract.defence_specs import required_models
+
+    out: dict[str, dict[str, Any]] = {}
+    for api in cfg["apis"].values():
+        out.update(required_models([dict(d) for d in api["defences"]]))
+    return out
+
+
+def defence_model_files(cfg: Mapping[str, Any], api: str) -> list[str]:
+    """The trained models an API's layers need (rule train_defence_model)."""
+    from mextract.defence_specs import required_models
+
+    entry = cfg["apis"][api]
+    return [f"{RESULTS}/defence_models/{entry['victim']}/{key}.pt"
+            for key in required_models([dict(d) for d in entry["defences"]])]
+
+
+def cost_inputs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Inputs of rule defence_costs: data, every matrix victim and defence model, and
+    the victims' test predictions (the classes PRADA's honest clients are grouped by)."""
+    victims = matrix_victims(cfg)
+    return {
+        "data": f"{RESULTS}/data/dataset.pt",
+        "victims": [f"{RESULTS}/victims/{v}/model.pt" for v in victims],
+        "predictions": [f"{RESULTS}/victims/{v}/test_predictions.pt" for v in victims],
+        "defence_models": sorted({f for a in matrix_apis(cfg)
+                                  for f in defence_model_files(cfg, a)}),
+    }
+
+
+def detect_settings(cfg: Mapping[str, Any], exp: str) -> dict[str, Any] | None:
+    """PRADA's settings for an attack the matrix lists (its stream against the
+    undefended API is examined in its own job); None for every other experiment."""
+    m = cfg.get("matrix")
+    if not m or exp not in m["attacks"]:
+        return None
+    return dict(m["detection"])
+
+
+def table_experiments(cfg: Mapping[str, Any]) -> list[str]:
+    """The experiments of the results table and stage plots (not the matrix's cells)."""
+    return [name for name, e in cfg["experiments"].items() if "matrix" not in e]
+
+
 def canonical(value: Any) -> Any:
     """Dicts with sorted keys, recursively: params compare equal however the config file
     orders its keys, so reordering a config never triggers a rerun."""
@@ -264,6 +473,7 @@ def prepare(cfg: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> 
     """The validated, completed, expanded config the workflow runs (see module doc)."""
     out = validate(cfg, schema)
     add_random_baselines(out)
+    add_matrix(out)
     problems = cross_check(out)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
@@ -426,6 +636,8 @@ def attack_inputs(cfg: Mapping[str, Any], exp: str) -> dict[str, Any]:
         inputs.update(api_victim_inputs(cfg, e["api"]))
     if watermark_logs(cfg, exp):
         inputs["watermark_logs"] = watermark_logs(cfg, exp)
+    if registry.get(e["strategy"]).adaptive and defence_model_files(cfg, e["api"]):
+        inputs["defence_models"] = defence_model_files(cfg, e["api"])
     verify_api = verify_api_of(cfg, exp)
     if verify_api and not is_remote(cfg, verify_api):
         inputs["verify_victim"] = f"{RESULTS}/victims/{cfg['apis'][verify_api]['victim']}/model.pt"
@@ -448,7 +660,7 @@ def attack_victims(cfg: Mapping[str, Any], exp: str) -> dict[str, Any]:
 def attack_settings(cfg: Mapping[str, Any], exp: str, seed: int) -> dict[str, Any]:
     """Everything that defines one (experiment, seed) result: a change reruns it."""
     e = cfg["experiments"][exp]
-    return {
+    settings = {
         "name": exp,
         "stage": e["stage"],
         "strategy": e["strategy"],
@@ -465,6 +677,12 @@ def attack_settings(cfg: Mapping[str, Any], exp: str, seed: int) -> dict[str, An
         "baseline": e.get("baseline"),
         "baseline_of": e.get("baseline_of"),
     }
+    # only where set: a config without a matrix leaves every job's settings as before
+    if "matrix" in e:
+        settings["matrix"] = e["matrix"]
+    if detect_settings(cfg, exp) is not None:
+        settings["detect"] = detect_settings(cfg, exp)
+    return settings
 
 
 def api_settings(cfg: Mapping[str, Any], api: str) -> dict[str, Any]:
@@ -480,7 +698,9 @@ def stages(cfg: Mapping[str, Any]) -> list[int]:
 
 
 def stage_experiments(cfg: Mapping[str, Any], stage: int | str) -> list[str]:
-    return [e for e, v in cfg["experiments"].items() if int(v["stage"]) == int(stage)]
+    """The stage's experiments in its table and plots (the matrix's cells have their
+    own outputs)."""
+    return [e for e in table_experiments(cfg) if int(cfg["experiments"][e]["stage"]) == int(stage)]
 
 
 def gpu_units(device: str) -> int:

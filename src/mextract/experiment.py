@@ -8,7 +8,7 @@ defended API's accuracy for honest users next to the undefended victim's.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,11 @@ def check_answers(strategy: str, api: VictimAPI) -> None:
                          f"{gives} ({api.description})")
 
 
-def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute) -> VictimAPI:
-    """A victim API from its config entry (mode, defences, budget). An entry with
+def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute,
+             defence_models: Mapping[str, nn.Module] | None = None) -> VictimAPI:
+    """A victim API from its config entry (mode, defences, budget); ``defence_models``
+    are the models of its layers that need one (MAD's surrogate, adaptive
+    misinformation's model), by :func:`mextract.defence_specs.model_key`. An entry with
     ``url`` is a served API (``mextract serve``): a :class:`mextract.remote.RemoteAPI`
     with the key from the environment variable named by ``key_env`` (no victim)."""
     if "url" in api_cfg:
@@ -66,8 +69,55 @@ def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute
     if victim is None:
         raise ValueError("an API needs the victim model")
     return VictimAPI(victim, mode=api_cfg["mode"], budget=api_cfg.get("budget"),
-                     defences=build_defences(api_cfg.get("defences")), compute=compute,
-                     batch_size=int(api_cfg.get("batch_size", 1024)))
+                     defences=build_defences(api_cfg.get("defences"), defence_models),
+                     compute=compute, batch_size=int(api_cfg.get("batch_size", 1024)))
+
+
+def load_defence_models(paths: Sequence[str | Path], defences: Sequence[Mapping[str, Any]],
+                        num_classes: int) -> dict[str, nn.Module]:
+    """The trained models of an API's layers (files named ``<model key>.pt``)."""
+    from mextract.defence_models import load_defence_model
+    from mextract.defence_specs import required_models
+
+    specs = required_models([dict(d) for d in defences])
+    return {Path(p).stem: load_defence_model(p, specs[Path(p).stem], num_classes)
+            for p in paths}
+
+
+def query_stream(pool: torch.Tensor, cache: Mapping[str, Any] | None, api: Any,
+                 query_log: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """What the API saw from this attacker, in order: the shared cache's queries (asked
+    first, in cache order), then the live queries (from the query log when the job
+    replayed one, else as the :class:`~mextract.querylog.RecordingAPI` recorded them)."""
+    from mextract.queries import cache_images
+    from mextract.querylog import RecordingAPI, join_streams
+
+    cached = None
+    if cache is not None:
+        cached = {"images": cache_images(pool, dict(cache)), "answers": cache["answers"]}
+    live = (query_log or {}).get("stream")
+    if live is None and isinstance(api, RecordingAPI):
+        live = api.stream()
+    return join_streams(cached, live)
+
+
+def detect_stream(stream: Mapping[str, torch.Tensor], detect: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """PRADA (:mod:`mextract.detection`) on an attacker's query stream (its first
+    ``max_queries``): the 1-based index of the query at which it flagged, or None."""
+    from mextract.detection import queries_to_flag
+
+    answers = stream["answers"]
+    classes = answers.argmax(dim=1) if answers.dim() == 2 else answers.long()
+    n = min(len(classes), int(detect["max_queries"]))
+    flagged = queries_to_flag(stream["images"][:n], classes[:n], **prada_kwargs(detect))
+    return {"prada_flagged_at": flagged, "prada_examined": n,
+            "stream_queries": int(len(classes))}
+
+
+def prada_kwargs(detect: Mapping[str, Any]) -> dict[str, Any]:
+    """The PRADA detector's parameters from a config's ``matrix.detection``."""
+    return {k: detect[k] for k in ("delta", "min_distances", "check_every")}
 
 
 def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any],
@@ -78,6 +128,8 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
                    verify: dict[str, Any] | None = None,
                    watermark_logs: Sequence[dict[str, Any]] = (),
                    verify_victim: nn.Module | None = None,
+                   defence_models: Mapping[str, nn.Module] | None = None,
+                   detect: Mapping[str, Any] | None = None,
                    ) -> tuple[AttackResult, dict[str, Any]]:
     """Build the attacker's context, run the strategy, score the substitute.
 
@@ -88,6 +140,8 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
     substitute is verified by :func:`verify_substitute` against ``watermark_logs`` (the
     defender's logs, e.g. of the query cache it trained from) plus the live log, and
     ``verify_victim`` (the checked API's victim) gives the API's honest-user accuracy.
+    With ``detect`` (a config's ``matrix.detection``), PRADA examines the attacker's
+    query stream (:func:`query_stream`, :func:`detect_stream`).
     """
     t0 = time.perf_counter()
     info = registry.get(strategy)
@@ -100,8 +154,12 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         budget = live_budget(params)
         if budget is not None:  # the API itself enforces the strategy's budget
             api_cfg["budget"] = budget
-        api = make_api(victim, api_cfg, compute)
+        api = make_api(victim, api_cfg, compute, defence_models)
         check_answers(strategy, api)
+        if detect is not None:
+            from mextract.querylog import RecordingAPI
+
+            api = RecordingAPI(api)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = AttackContext(
@@ -136,6 +194,8 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         if verify and verify.get("live_log"):
             logs.append(live_log)
     final = ctx.evaluate(result.model)
+    detection = ({} if detect is None else
+                 detect_stream(query_stream(ctx.pool, cache, api, result.query_log), detect))
     checks: dict[str, Any] = {}
     if verify is not None:
         checks = verify_substitute(
@@ -151,24 +211,39 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "compute": compute.as_dict(),
         **checks,
+        **detection,
         **result.extra,
     }
     return result, metrics
 
 
 def api_honest_accuracy(victim: nn.Module, api_cfg: dict[str, Any], x_test: torch.Tensor,
-                        y_test: torch.Tensor, compute: Compute) -> dict[str, float]:
+                        y_test: torch.Tensor, compute: Compute,
+                        defence_models: Mapping[str, nn.Module] | None = None,
+                        ) -> dict[str, float]:
     """The cost of an API's defences to honest users: the accuracy of its answers on the
     test set (a fresh instance, so no attacker's count or log changes), next to the
-    undefended victim's accuracy and the share of answers the defences changed."""
-    api = make_api(victim, {**api_cfg, "budget": None}, compute)
+    undefended victim's accuracy and the share of answers the defences changed; for
+    soft answers also ``api_l1_distortion``, the mean L1 distance between the served
+    and the undefended probability vectors (0 to 2)."""
+    api = make_api(victim, {**api_cfg, "budget": None}, compute, defence_models)
     served = api.query(x_test)
+    out: dict[str, float] = {}
     if served.is_floating_point():
+        clean = torch.softmax(api.logits(api_input(x_test)), dim=1)
+        out["api_l1_distortion"] = float((served - clean).abs().sum(dim=1).mean())
         served = served.argmax(dim=1)
     plain = predict(api.model, x_test, compute)
     return {"api_honest_accuracy": agreement(served, y_test),
             "api_victim_accuracy": agreement(plain, y_test),
-            "api_changed_answers": 1.0 - agreement(served, plain)}
+            "api_changed_answers": 1.0 - agreement(served, plain), **out}
+
+
+def api_input(images: torch.Tensor) -> torch.Tensor:
+    """Images as the API receives them (uint8)."""
+    from mextract.api import quantize
+
+    return quantize(images)
 
 
 def verify_substitute(model: nn.Module, *, data: dict[str, Any], compute: Compute,

@@ -25,6 +25,9 @@ The store also owns the log's bookkeeping fields:
 * ``count``: queries the log holds, i.e. the answers of the API counted since the job
   started plus those of a resumed partial log; equal to the API's counter for a job
   that asked everything itself;
+* ``stream`` (jobs whose API is a :class:`RecordingAPI`, i.e. whose query stream is
+  examined by a detector): every query image (uint8) and answer in the order asked,
+  a resumed log's first, so that a job which replays the log examines the same stream;
 * ``watermark`` (APIs with a DAWN layer only): the defender's watermark log of the
   logged queries (:mod:`mextract.watermark`; the key only as its ``key_id``), so that a
   job which replays the log leaves the same evidence as the job that asked. Attack
@@ -44,7 +47,7 @@ from typing import Any
 
 import torch
 
-from mextract.api import VictimAPI
+from mextract.api import VictimAPI, quantize
 from mextract.io import CorruptArtifactError, load_artifact, save_artifact, tensor_digest
 from mextract.watermark import merge_logs
 
@@ -76,6 +79,43 @@ def log_key(api: VictimAPI, strategy: str, params: Mapping[str, Any], seed: int,
     return canonical({"format": FORMAT, "strategy": strategy, "params": dict(params),
                       "seed": int(seed), "pool": tensor_digest(pool),
                       "api": api.fingerprint, "depends": depends})
+
+
+class RecordingAPI:
+    """A victim API that also keeps its query stream: every image it answers (uint8, as
+    the API received it) and the answer, in order, as a client-side detector such as
+    PRADA (:mod:`mextract.detection`) sees the stream. Everything else is the wrapped
+    API's (counter, budget, fingerprint, defences)."""
+
+    def __init__(self, api: Any) -> None:
+        self.inner = api
+        self._images: list[torch.Tensor] = []
+        self._answers: list[torch.Tensor] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        answers = self.inner.query(images)
+        self._images.append(quantize(images.cpu()))
+        self._answers.append(answers.cpu())
+        return answers
+
+    def stream(self) -> dict[str, torch.Tensor]:
+        """{"images": uint8 (Q, C, H, W), "answers": (Q,) labels or (Q, K) probabilities}
+        of every query answered so far, in order."""
+        if not self._images:
+            return {"images": torch.zeros(0, dtype=torch.uint8),
+                    "answers": torch.zeros(0)}
+        return {"images": torch.cat(self._images), "answers": torch.cat(self._answers)}
+
+
+def join_streams(*streams: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Query streams one after the other (absent or empty ones skipped)."""
+    parts = [s for s in streams if s is not None and len(s["images"])]
+    if not parts:
+        return {"images": torch.zeros(0, dtype=torch.uint8), "answers": torch.zeros(0)}
+    return {k: torch.cat([p[k] for p in parts]) for k in ("images", "answers")}
 
 
 def require_api(api: VictimAPI | None, strategy: str) -> VictimAPI:
@@ -131,6 +171,8 @@ class QueryLogStore:
             return None
         if not isinstance(log, dict) or log.get("key") != self.key:
             return None
+        if isinstance(self.api, RecordingAPI) and "stream" not in log:
+            return None  # saved by a job that kept no stream: ask again to have it
         return log
 
     def reuse(self) -> dict[str, Any] | None:
@@ -177,6 +219,9 @@ class QueryLogStore:
                                "complete": bool(complete), "count": self.count}
         if self.api.watermarked:
             log["watermark"] = self._watermark()
+        if isinstance(self.api, RecordingAPI):
+            log["stream"] = join_streams((self.resumed or {}).get("stream"),
+                                         self.api.stream())
         save_artifact(log, self.path)
         return log
 

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
 from mextract.data import load_dataset
-from mextract.experiment import load_victim, make_api
+from mextract.experiment import load_defence_models, load_victim, make_api
 from mextract.io import load_artifact, save_artifact
 from mextract.queries import collect
 from mextract.runtime import eprint, logged, setup
@@ -20,7 +20,9 @@ with logged(snakemake.log[0]):
     if "victim" in dict(snakemake.input.items()):
         victim = load_victim(snakemake.input.victim, snakemake.params.victim,
                              len(data["classes"]))
-    api = make_api(victim, snakemake.params.api, compute)
+    models = load_defence_models(list(snakemake.input.defence_models),
+                                 snakemake.params.api["defences"], len(data["classes"]))
+    api = make_api(victim, snakemake.params.api, compute, models)
     cache = collect(api, pool, snakemake.wildcards.qset)
     eprint(f"{snakemake.wildcards.qset}: {cache['count']} queries answered by {cache['api']}")
     log = api.watermark_log()

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 import pandas as pd
 
 from mextract.data import load_dataset
-from mextract.experiment import load_victim, run_experiment
+from mextract.experiment import load_defence_models, load_victim, run_experiment
 from mextract.io import load_artifact, save_artifact, write_json, write_text
 from mextract.runtime import discard_stale_checkpoints, logged, setup
 
@@ -28,6 +28,10 @@ with logged(snakemake.log[0]):
     if "verify_victim" in inp:
         verify_victim = load_victim(inp["verify_victim"], victims["verify"],
                                     len(data["classes"]))
+    model_files = inp.get("defence_models", [])
+    defence_models = load_defence_models(
+        [model_files] if isinstance(model_files, str) else model_files,
+        (s["api"] or {}).get("defences", []), len(data["classes"]))
     log_files = inp.get("watermark_logs", [])
     logs = [load_artifact(f) for f in ([log_files] if isinstance(log_files, str) else log_files)]
     result, metrics = run_experiment(
@@ -38,12 +42,13 @@ with logged(snakemake.log[0]):
         workdir=snakemake.params.workdir,
         cache=load_artifact(inp["cache"]) if "cache" in inp else None,
         victim=victim, api_cfg=s["api"], verify=s["verify"], watermark_logs=logs,
-        verify_victim=verify_victim,
+        verify_victim=verify_victim, defence_models=defence_models,
+        detect=s.get("detect"),
     )
     metrics.update({"experiment": s["name"], "seed": s["seed"], "stage": s["stage"],
                     "api_name": s["api_name"], "victim": s["victim"],
                     "substitute": s["substitute"], "baseline": s["baseline"],
-                    "baseline_of": s["baseline_of"]})
+                    "baseline_of": s["baseline_of"], "matrix": s.get("matrix")})
     if s["verify"] is not None:
         metrics["verify_api"] = s["verify"]["api_name"]
     if result.query_log is not None:

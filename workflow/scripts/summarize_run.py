@@ -15,5 +15,8 @@ with logged(snakemake.log[0]):
     c = p.compute
     notes = [f"Each job computed on `{c['device']}` with {c['threads']} threads "
              f"(compute.threads); substitute seeds {list(p.seeds)}."]
-    write_text(run_summary(p.title, p.command, Path(snakemake.input.table).read_text(),
-                           p.benchmarks, p.logs, notes), snakemake.output.md)
+    tables = Path(snakemake.input.table).read_text()
+    for extra in snakemake.input.matrix:  # the defence matrix, where the config has one
+        tables = tables.rstrip() + "\n\n" + Path(extra).read_text()
+    write_text(run_summary(p.title, p.command, tables, p.benchmarks, p.logs, notes),
+               snakemake.output.md)

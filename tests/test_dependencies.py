@@ -7,7 +7,7 @@ the layers below it:
 0. foundations: io, compute, defaults, fingerprint, augment, models
 1. data, metrics, the training loop
 2. the victim API and its defence layers, watermarks, the query-log store
-3. query caches
+3. query caches, attacker pools
 4. attack strategies (attacks/*: the registry, the shared base and selection loop)
 5. what runs stages: victim training, one experiment, the benchmark
 6. what reads a whole run: config expansion, tables, plots, job set-up
@@ -21,7 +21,7 @@ LAYERS = [
     {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models", "timings"},
     {"data", "metrics", "train"},
     {"watermark", "defences", "api", "querylog"},
-    {"queries"},
+    {"queries", "pools"},
     {"attacks"},  # the package and every module in it
     {"victim", "experiment", "bench"},
     {"config", "report", "plots", "runtime"},

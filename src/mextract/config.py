@@ -188,6 +188,13 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                 problems.append(
                     f"config key '{where}.api': strategy '{exp['strategy']}' needs "
                     f"{strategy.answers} answers, API '{exp['api']}' gives {kind}")
+        pool = exp.get("pool") or {"source": "split"}
+        if pool["source"] != "split" and not strategy.adaptive:
+            problems.append(
+                f"config key '{where}.pool': strategy '{exp['strategy']}' does not query "
+                f"the live API (it trains from a shared query cache of the split's pool "
+                f"or on true labels), so its pool must be {{source: split}}, not "
+                f"'{pool['source']}'")
         if exp.get("victim", first_victim(cfg)) not in cfg["victims"]:
             problems.append(f"config key '{where}.victim': unknown victim '{exp['victim']}'")
         if "verify_api" in exp:
@@ -420,6 +427,11 @@ def attack_settings(cfg: Mapping[str, Any], exp: str, seed: int) -> dict[str, An
         "verify": verify_settings(cfg, exp),
         "baseline": e.get("baseline"),
         "baseline_of": e.get("baseline_of"),
+        # the attacker pool, only when it is not the split's (so that adding the key
+        # reruns no existing experiment); an imagefolder root is read in the job, it
+        # is not a Snakemake input
+        **({"pool": e["pool"]} if (e.get("pool") or {"source": "split"})["source"] != "split"
+           else {}),
     }
 
 

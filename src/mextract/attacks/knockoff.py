@@ -26,7 +26,9 @@ Two registry entries share this module, told apart by the ``sampling`` parameter
   H_a += bandit_lr * mean_i (r_i - r_mean) (1[a = a_i] - pi_a), with r_mean the mean of
   all earlier rewards. An arm with no unasked image left is masked out of pi. After
   each step the online knockoff (the experiment's substitute architecture) takes
-  ``sgd_steps`` SGD steps of KD on random batches of everything answered.
+  ``sgd_steps`` SGD steps of KD on random batches of everything answered. Its
+  equal-budget baseline (added by the workflow) is ``knockoff``, the paper's random
+  strategy on the same pool.
 
 Both variants then train the final substitute afresh on every answered image with
 the experiment's recipe (:func:`mextract.attacks.base.fit`): KD at ``temperature``
@@ -152,6 +154,8 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
             log = store.save({"kind": kind, "query_set": "knockoff-random", "indices": indices,
                               "answers": store.api.query(ctx.pool[indices])}, complete=True)
     else:
+        if "step_size" not in params:
+            raise ValueError("knockoff: adaptive sampling is the strategy knockoff_adaptive")
         store, log = adaptive(ctx, params)
     queries = int(log["count"])
     if log["kind"] == "soft":

@@ -135,7 +135,7 @@ STRATEGIES: dict[str, Strategy] = {
                  limits={"budget": (1, None), "temperature": (1e-6, None),
                          "arms": (1, None), "step_size": (1, None),
                          "bandit_lr": (1e-9, None), "window": (1, None)},
-                 baseline="random", baseline_params=("budget", "temperature")),
+                 baseline="knockoff", baseline_params=("budget", "temperature")),
         Strategy(name="jbda", module="mextract.attacks.jbda", answers="any", adaptive=True,
                  defaults={"budget": 1200, "seed_size": 150, "step": 0.1, "tau": 0,
                            "round_epochs": 5, "variant": "jbda", "temperature": 3.0},

@@ -25,6 +25,7 @@ from mextract.metrics import evaluator, predict
 from mextract.models import build_model
 from mextract.pools import build_pool
 from mextract.querylog import LOG_NAME
+from mextract.report import display_sections, results_table
 from mextract.train import TrainConfig
 
 CPU = Compute(device="cpu", amp=False, channels_last=False)
@@ -333,6 +334,22 @@ def test_config_checks_the_new_strategies_parameters():
         config.prepare(_config(strategy="dfme", api="hard"))
     ok = config.prepare(_config(strategy="jbda", api="hard", params={"variant": "jbda_tr"}))
     assert "x-random" not in ok["experiments"]  # JBDA and DFME select no pool images
+
+
+def test_results_table_shows_a_pool_column_only_where_a_stage_has_another_pool():
+    def run(name: str, stage: int, pool: str, **more: Any) -> dict[str, Any]:
+        return {"experiment": name, "stage": stage, "strategy": name, "queries": 10,
+                "fidelity": 0.5, "test_accuracy": 0.5, "pool": pool, **more}
+
+    metrics = [run("control", 1, "split (96 images)", queries=0),
+               run("knockoff_adaptive", 1, "skimage (40 crops of 15 images)"),
+               run("control", 2, "split (96 images)", queries=0, experiment="control-s2"),
+               run("jbda", 2, "split (96 images)")]
+    df = results_table(metrics)
+    assert list(df["pool"].fillna("-")) == ["-", "skimage (40 crops of 15 images)", "-", "-"]
+    (_, _, s1), (_, _, s2) = display_sections(df)
+    assert "pool" in s1.columns and "pool" not in s2.columns
+    assert list(s1["pool"])[1] == "skimage (40 crops of 15 images)"
 
 
 # ------------------------------------------------------------------ end to end

@@ -185,7 +185,8 @@ def play(ctx: AttackContext, params: dict[str, Any], student: nn.Module, api: Vi
     batch, m = int(params["batch_size"]), int(params["m"])
     nz, eps = int(params["nz"]), float(params["eps"])
     lr_s, lr_g = float(params["lr_s"]), float(params["lr_g"])
-    generator = Generator(nz, int(params["ngf"]), int(ctx.pool.shape[-1]))
+    device = compute.torch_device
+    generator = Generator(nz, int(params["ngf"]), int(ctx.pool.shape[-1])).to(device)
     opt_s = torch.optim.SGD(student.parameters(), lr=lr_s, momentum=0.9, weight_decay=5e-4)
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g)
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -199,19 +200,20 @@ def play(ctx: AttackContext, params: dict[str, Any], student: nn.Module, api: Vi
                 g["lr"] = _lr_at(base, it, iterations)
         generator.train()
         for _ in range(int(params["g_iter"])):
-            x = generator(torch.randn(batch, nz, generator=gen))
-            grad, d = estimate_gradient(x.detach(), student, api, compute, m, eps, gen)
+            x = generator(torch.randn(batch, nz, generator=gen).to(device))
+            grad, d = estimate_gradient(x.detach().cpu(), student, api, compute, m, eps, gen)
             opt_g.zero_grad(set_to_none=True)
-            x.backward(-grad)  # ascend the estimated disagreement
+            x.backward(-grad.to(device))  # ascend the estimated disagreement
             opt_g.step()
             d_mean = d.mean()
         student.train()
         for _ in range(int(params["d_iter"])):
             with torch.no_grad():
-                images = quantize(generator(torch.randn(batch, nz, generator=gen)))
+                images = quantize(generator(torch.randn(batch, nz, generator=gen).to(device))
+                                  .cpu())
             answers = api.query(images)
             sha.update(answers.numpy().tobytes())
-            target = victim_logits(answers).to(compute.torch_device)
+            target = victim_logits(answers).to(device)
             loss_s = F.l1_loss(student(compute.images(images)).float(), target)
             opt_s.zero_grad(set_to_none=True)
             loss_s.backward()

@@ -325,6 +325,8 @@ def test_config_refuses_a_non_split_pool_for_a_cached_strategy():
         config.prepare(_config(strategy="kd", api="soft", pool={"source": "noise"}))
     with pytest.raises(config.ConfigError, match=r"experiments\.x\.pool"):
         config.prepare(_config(strategy="control", pool={"source": "skimage"}))
+    with pytest.raises(config.ConfigError, match=r"experiments\.x\.pool"):  # a pool cache
+        config.prepare(_config(strategy="boundary", api="hard", pool={"source": "noise"}))
     with pytest.raises(config.ConfigError, match=r"experiments\.x\.pool"):  # no root
         config.prepare(_config(strategy="knockoff", api="soft",
                                pool={"source": "imagefolder"}))

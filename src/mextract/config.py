@@ -189,12 +189,12 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                     f"config key '{where}.api': strategy '{exp['strategy']}' needs "
                     f"{strategy.answers} answers, API '{exp['api']}' gives {kind}")
         pool = exp.get("pool") or {"source": "split"}
-        if pool["source"] != "split" and not strategy.adaptive:
+        if pool["source"] != "split" and (not strategy.adaptive or strategy.cache):
             problems.append(
-                f"config key '{where}.pool': strategy '{exp['strategy']}' does not query "
-                f"the live API (it trains from a shared query cache of the split's pool "
-                f"or on true labels), so its pool must be {{source: split}}, not "
-                f"'{pool['source']}'")
+                f"config key '{where}.pool': strategy '{exp['strategy']}' trains from a "
+                f"shared query cache of the split's pool (or on true labels), so its pool "
+                f"must be {{source: split}}, not '{pool['source']}'; other pools are for "
+                f"strategies that ask only the live API")
         if exp.get("victim", first_victim(cfg)) not in cfg["victims"]:
             problems.append(f"config key '{where}.victim': unknown victim '{exp['victim']}'")
         if "verify_api" in exp:

@@ -8,7 +8,7 @@ the layers below it:
 1. data, metrics, the training loop
 2. the victim API and its defence layers, watermarks, the query-log store, PRADA
    detection
-3. query caches
+3. query caches, attacker pools
 4. attack strategies (attacks/*: the registry, the shared base and selection loop)
 5. what runs stages: victim training, one experiment, the benchmark
 6. what reads a whole run: config expansion, tables, plots (the defence matrix's too),
@@ -23,7 +23,7 @@ LAYERS = [
     {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models", "timings"},
     {"data", "metrics", "train"},
     {"watermark", "defences", "api", "querylog", "detection", "remote"},
-    {"queries"},
+    {"queries", "pools"},
     {"attacks"},  # the package and every module in it
     {"victim", "experiment", "bench", "byo", "serve"},
     {"config", "report", "plots", "runtime", "cli", "matrix"},

@@ -40,6 +40,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "boundary": ("hard", {"pairs": 6, "steps": 3}),
     "random": ("hard", {"budget": 20}),
     "random_boundary": ("hard", {"pairs": 6, "steps": 3}),
+    "knockoff": ("hard", {"budget": 20}),
+    "knockoff_adaptive": ("soft", {"budget": 20, "arms": 3, "step_size": 5, "window": 10}),
+    "jbda": ("hard", {"budget": 20, "seed_size": 6, "round_epochs": 1}),
+    "dfme": ("soft", {"budget": 60, "batch_size": 4, "d_iter": 2, "nz": 8, "ngf": 4}),
 }
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.one_thread

@@ -203,6 +203,13 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                 problems.append(
                     f"config key '{where}.api': strategy '{exp['strategy']}' needs "
                     f"{strategy.answers} answers, API '{exp['api']}' gives {kind}")
+        pool = exp.get("pool") or {"source": "split"}
+        if pool["source"] != "split" and (not strategy.adaptive or strategy.cache):
+            problems.append(
+                f"config key '{where}.pool': strategy '{exp['strategy']}' trains from a "
+                f"shared query cache of the split's pool (or on true labels), so its pool "
+                f"must be {{source: split}}, not '{pool['source']}'; other pools are for "
+                f"strategies that ask only the live API")
         if exp.get("victim", first_victim(cfg)) not in cfg["victims"]:
             problems.append(f"config key '{where}.victim': unknown victim '{exp['victim']}'")
         if "verify_api" in exp:
@@ -676,6 +683,11 @@ def attack_settings(cfg: Mapping[str, Any], exp: str, seed: int) -> dict[str, An
         "verify": verify_settings(cfg, exp),
         "baseline": e.get("baseline"),
         "baseline_of": e.get("baseline_of"),
+        # the attacker pool, only when it is not the split's (so that adding the key
+        # reruns no existing experiment); an imagefolder root is read in the job, it
+        # is not a Snakemake input
+        **({"pool": e["pool"]} if (e.get("pool") or {"source": "split"})["source"] != "split"
+           else {}),
     }
     # only where set: a config without a matrix leaves every job's settings as before
     if "matrix" in e:

@@ -22,6 +22,7 @@ from mextract.compute import Compute
 from mextract.defences import build_defences, dawn_key
 from mextract.metrics import agreement, evaluator, predict
 from mextract.models import build_model
+from mextract.pools import build_pool
 from mextract.train import TrainConfig
 from mextract.watermark import dawn_verify, merge_logs, trigger_scores
 
@@ -130,6 +131,7 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
                    verify_victim: nn.Module | None = None,
                    defence_models: Mapping[str, nn.Module] | None = None,
                    detect: Mapping[str, Any] | None = None,
+                   pool: dict[str, Any] | None = None,
                    ) -> tuple[AttackResult, dict[str, Any]]:
     """Build the attacker's context, run the strategy, score the substitute.
 
@@ -142,6 +144,8 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
     ``verify_victim`` (the checked API's victim) gives the API's honest-user accuracy.
     With ``detect`` (a config's ``matrix.detection``), PRADA examines the attacker's
     query stream (:func:`query_stream`, :func:`detect_stream`).
+    ``pool``: the experiment's ``pool`` config entry (:func:`mextract.pools.build_pool`;
+    None or ``{source: split}``: the split's attacker half); the metrics name it.
     """
     t0 = time.perf_counter()
     info = registry.get(strategy)
@@ -162,8 +166,12 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
             api = RecordingAPI(api)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    split_pool = data["x_train"][split["pool"]]
+    pool_images, pool_description = build_pool(
+        pool, image_size=int(split_pool.shape[-1]), count=len(split_pool),
+        split_pool=split_pool)
     ctx = AttackContext(
-        pool=data["x_train"][split["pool"]],
+        pool=pool_images,
         pool_labels=data["y_train"][split["pool"]] if strategy == "control" else None,
         num_classes=num_classes,
         new_substitute=lambda: build_model(substitute["arch"], num_classes,
@@ -207,6 +215,7 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         "params": params,
         "api": (api.description if api is not None else (cache or {}).get("api", "none")),
         "queries": int(result.queries),
+        "pool": pool_description,
         **final,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "compute": compute.as_dict(),

@@ -11,7 +11,9 @@ same number of queries on uniformly random inputs): *gain over random* = its mea
 fidelity minus the baseline's, how much the selection itself buys. *Fidelity on victim
 errors* (agreement on the test images the victim gets wrong) separates copying the
 victim from merely being accurate (Jagielski et al., "High Accuracy and High Fidelity
-Extraction of Neural Networks", USENIX Security 2020). The reference study's numbers
+Extraction of Neural Networks", USENIX Security 2020). The ``pool`` column names the
+attacker pool of experiments that do not draw from the split's attacker half
+(:mod:`mextract.pools`; shown only in stages that have one). The reference study's numbers
 come from one data file, ``config/reference.yaml`` (see :func:`load_reference`).
 
 The same display table (:func:`display_sections`) is written as Markdown, booktabs
@@ -70,7 +72,7 @@ def _with_sd(*keys: str) -> list[str]:
 
 
 #: columns of :func:`results_table` (one row per experiment)
-COLUMNS = ["stage", "experiment", "strategy", "api_name", "api", "victim", "baseline",
+COLUMNS = ["stage", "experiment", "strategy", "api_name", "api", "victim", "pool", "baseline",
            "baseline_of", "seeds", "n",
            *_with_sd("queries", "test_accuracy", "fidelity", "fidelity_on_victim_errors"),
            "control", *_with_sd(*GAINS),
@@ -80,7 +82,7 @@ COLUMNS = ["stage", "experiment", "strategy", "api_name", "api", "victim", "base
            *[c for key in COMPARED for c in (f"study_{key}", f"{key}_vs_study")],
            "study_note"]
 #: the text columns of :func:`results_table` (pandas "string" dtype, missing = NA)
-TEXT_COLUMNS = ("experiment", "strategy", "api_name", "api", "victim", "baseline",
+TEXT_COLUMNS = ("experiment", "strategy", "api_name", "api", "victim", "pool", "baseline",
                 "baseline_of", "seeds", "control", "study_note")
 #: columns of :func:`seeds_table` (one row per experiment and seed, raw numbers)
 SEED_COLUMNS = ["stage", "experiment", "seed", "strategy", "api_name", "api", "victim",
@@ -306,6 +308,14 @@ def _gain(ours: Mapping[Any, Mapping[str, Any]], theirs: Mapping[Any, Mapping[st
     return statistics.fmean(a.values()) - statistics.fmean(b.values()), math.nan
 
 
+def attacker_pool(m: Mapping[str, Any]) -> str | None:
+    """The ``pool`` column: the attacker pool's description (metrics.json ``pool``) when
+    it is not the split's attacker half (None: the split's, the default), so that the
+    displayed column appears only in stages with another pool."""
+    pool = m.get("pool")
+    return None if not pool or str(pool).startswith("split") else str(pool)
+
+
 def _seeds_text(seeds: Sequence[Any]) -> str:
     return ",".join(str(s) for s in seeds if s is not None)
 
@@ -343,6 +353,7 @@ def results_table(metrics: Sequence[Mapping[str, Any]],
         row: dict[str, Any] = {c: m.get(c) for c in
                                ("stage", "experiment", "strategy", "api_name", "api", "victim",
                                 "baseline_of")}
+        row["pool"] = attacker_pool(m)
         row["seeds"] = _seeds_text(list(runs))
         row["n"] = len(runs)
         for key in AGGREGATED:
@@ -530,6 +541,7 @@ DISPLAY: dict[str, tuple[str, Any]] = {
     "experiment": ("experiment", _plain(_text)),
     "strategy": ("strategy", _strategy),
     "api": ("API", _api),
+    "pool": ("pool", _plain(_text)),
     "n": ("n", _plain(count)),
     "queries": ("queries", _with_spread(count)),
     "test_accuracy": ("test acc.", _with_spread(pct)),
@@ -555,7 +567,7 @@ DISPLAY: dict[str, tuple[str, Any]] = {
     "study_note": ("study note", _plain(_text)),
 }
 OPTIONAL = {*VERIFICATION_KEYS, "random_gain", "study_trigger_wsr", "trigger_wsr_vs_study",
-            "study_note"}
+            "study_note", "pool"}
 #: columns shown only in these stages (and there only where measured)
 STAGE_ONLY = {"trigger_wsr_nontarget": {3}}
 

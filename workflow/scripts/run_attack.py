@@ -43,7 +43,7 @@ with logged(snakemake.log[0]):
         cache=load_artifact(inp["cache"]) if "cache" in inp else None,
         victim=victim, api_cfg=s["api"], verify=s["verify"], watermark_logs=logs,
         verify_victim=verify_victim, defence_models=defence_models,
-        detect=s.get("detect"),
+        detect=s.get("detect"), pool=s.get("pool"),
     )
     metrics.update({"experiment": s["name"], "seed": s["seed"], "stage": s["stage"],
                     "api_name": s["api_name"], "victim": s["victim"],

@@ -118,6 +118,42 @@ STRATEGIES: dict[str, Strategy] = {
                  defaults={"alpha": 1.0},
                  summary="mixup of pool images with the API's labels (no extra queries)",
                  limits={"alpha": (1e-6, None)}),
+        # ---- beyond the study: attacks from the literature (live API, any attacker pool)
+        Strategy(name="knockoff", module="mextract.attacks.knockoff", answers="any",
+                 adaptive=True,
+                 defaults={"budget": 1000, "temperature": 1.0, "sampling": "random"},
+                 summary="KnockoffNets, random: uniformly random pool images up to the "
+                         "budget (KD at temperature 1 = soft-label cross-entropy)",
+                 limits={"budget": (1, None), "temperature": (1e-6, None)}),
+        Strategy(name="knockoff_adaptive", module="mextract.attacks.knockoff",
+                 answers="soft", adaptive=True,
+                 defaults={"budget": 1000, "temperature": 1.0, "sampling": "adaptive",
+                           "arms": 10, "step_size": 20, "bandit_lr": 0.5,
+                           "reward": "all", "window": 100, "sgd_steps": 1},
+                 summary="KnockoffNets, adaptive: a gradient bandit over k-means arms of "
+                         "the pool, rewarded by certainty, diversity and loss",
+                 limits={"budget": (1, None), "temperature": (1e-6, None),
+                         "arms": (1, None), "step_size": (1, None),
+                         "bandit_lr": (1e-9, None), "window": (1, None)},
+                 baseline="knockoff", baseline_params=("budget", "temperature")),
+        Strategy(name="jbda", module="mextract.attacks.jbda", answers="any", adaptive=True,
+                 defaults={"budget": 1200, "seed_size": 150, "step": 0.1, "tau": 0,
+                           "round_epochs": 5, "variant": "jbda", "temperature": 3.0},
+                 summary="JBDA: a seed set grown by Jacobian-based augmentation "
+                         "(variant jbda_tr: towards random target classes)",
+                 limits={"budget": (2, None), "seed_size": (2, None),
+                         "step": (1 / 255, 1), "round_epochs": (1, None),
+                         "temperature": (1e-6, None)}),
+        Strategy(name="dfme", module="mextract.attacks.dfme", answers="soft", adaptive=True,
+                 defaults={"budget": 20_000_000, "batch_size": 256, "m": 1, "eps": 0.5,
+                           "g_iter": 1, "d_iter": 5, "lr_s": 0.1, "lr_g": 1e-4,
+                           "nz": 256, "ngf": 64},
+                 summary="DFME: data-free, a generator against the student, the victim's "
+                         "gradient from forward differences",
+                 limits={"budget": (1, None), "batch_size": (2, None), "m": (1, None),
+                         "eps": (1e-6, None), "g_iter": (1, None), "d_iter": (1, None),
+                         "lr_s": (1e-9, None), "lr_g": (1e-9, None), "nz": (1, None),
+                         "ngf": (1, None)}),
     ]
 }
 

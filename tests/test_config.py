@@ -146,7 +146,8 @@ def test_random_baseline_beside_every_adaptive_strategy():
     cfg = mc.prepare(DEMO)
     exps = cfg["experiments"]
     adaptive = [n for n, e in exps.items() if registry.get(e["strategy"]).baseline]
-    assert set(adaptive) == {"marich", "spsg", "active_learning", "boundary", "boundary-s3"}
+    assert set(adaptive) == {"marich", "spsg", "active_learning", "boundary", "boundary-s3",
+                             "knockoff-adaptive"}
     names = list(exps)
     for name in adaptive:
         twin = exps[name]["baseline"]
@@ -162,7 +163,7 @@ def test_random_baseline_beside_every_adaptive_strategy():
     assert exps["boundary-random"]["strategy"] == "random_boundary"
     # preparing twice changes nothing (jobs re-parse the workflow with its config)
     assert mc.prepare(copy.deepcopy(cfg)) == cfg
-    assert list(mc.prepare({**DEMO, "random_baselines": False})["experiments"]) == list(
+    assert mc.table_experiments(mc.prepare({**DEMO, "random_baselines": False})) == list(
         DEMO["experiments"])
 
 

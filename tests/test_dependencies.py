@@ -20,7 +20,7 @@ from mextract import fingerprint as fp
 LAYERS = [
     {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models", "timings"},
     {"data", "metrics", "train"},
-    {"watermark", "defences", "api", "querylog"},
+    {"watermark", "defences", "defence_specs", "defence_models", "api", "querylog"},
     {"queries"},
     {"attacks"},  # the package and every module in it
     {"victim", "experiment", "bench"},

@@ -391,15 +391,18 @@ SPEC = {"arch": "vgg11", "width": 0.125, "epochs": 2, "lr": 0.05, "batch_size": 
 
 @pytest.fixture(scope="module")
 def defender_data() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    victim = TinyVictim()
-    x = images(128, seed=7, size=32)
-    y = victim_probs(victim, x, CPU).argmax(dim=1)
-    return x, y, victim
+    """128 32x32 images whose true class (0-9) brightens one channel, a tiny victim."""
+    gen = torch.Generator().manual_seed(7)
+    y = torch.arange(128) % 10
+    x = torch.randint(0, 60, (128, 3, 32, 32), generator=gen)
+    x[torch.arange(128), y % 3] += (20 * y)[:, None, None]
+    return x.to(torch.uint8), y, TinyVictim()
 
 
 def test_misinformation_model_lowers_the_true_class_probability(defender_data, tmp_path):
     x, y, victim = defender_data
-    model = train_defence_model("misinformation", SPEC, x, y, victim, CPU, seed=0)
+    spec = {**SPEC, "epochs": 4, "lr": 0.2}
+    model = train_defence_model("misinformation", spec, x, y, victim, CPU, seed=0)
     assert not model.training
     untrained = train_defence_model("misinformation", {**SPEC, "epochs": 1, "lr": 1e-9},
                                     x, y, victim, CPU, seed=0)  # BN statistics only
@@ -407,16 +410,16 @@ def test_misinformation_model_lowers_the_true_class_probability(defender_data, t
     def p_true(m: nn.Module) -> float:
         return model_probs(m, x).gather(1, y[:, None]).mean().item()
 
-    assert p_true(model) < 0.5 * p_true(untrained)
+    assert p_true(model) < 0.5 * p_true(untrained)  # measured: 0.025 vs 0.099
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     want = -torch.log(1 - torch.softmax(logits, dim=1)[0, 0])
     assert torch.allclose(misinformation_loss(logits, torch.tensor([0])), want)
     # saved and loaded with its spec
-    save_defence_model(model, tmp_path / "m.pt", "misinformation", SPEC, 10)
-    loaded = load_defence_model(tmp_path / "m.pt", SPEC, 10)
+    save_defence_model(model, tmp_path / "m.pt", "misinformation", spec, 10)
+    loaded = load_defence_model(tmp_path / "m.pt", spec, 10)
     assert torch.equal(model_probs(loaded, x), model_probs(model, x))
     with pytest.raises(ValueError, match="saved for spec"):
-        load_defence_model(tmp_path / "m.pt", {**SPEC, "epochs": 3}, 10)
+        load_defence_model(tmp_path / "m.pt", SPEC, 10)
 
 
 def test_surrogate_is_distilled_from_the_victim(defender_data):
@@ -431,6 +434,6 @@ def test_surrogate_is_distilled_from_the_victim(defender_data):
         return F.kl_div(model_probs(model, x).clamp_min(1e-12).log(), target,
                         reduction="batchmean").item()
 
-    assert kl(trained) < 0.8 * kl(untrained)
+    assert kl(trained) < 0.6 * kl(untrained)  # measured: 0.10 vs 0.26
     with pytest.raises(ValueError, match="kind"):
         train_defence_model("oracle", SPEC, x, y, victim, CPU)

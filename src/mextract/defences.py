@@ -30,8 +30,8 @@ still describes the API). A secret enters only as a digest: DAWN's key as its
 :func:`mextract.watermark.key_id`, never in clear; a layer's model as its weight
 digest (:func:`mextract.io.tensor_digest`) next to its training spec.
 
-Argument defaults come from ``config/schema.yaml`` (:func:`mextract.defence_specs.
-layer_defaults`), their only home. :func:`answer_distortion` measures what the layers
+Argument defaults come from ``config/schema.yaml``, their only home
+(:func:`mextract.defence_specs.layer_defaults`). :func:`answer_distortion` measures what the layers
 cost an honest user.
 """
 

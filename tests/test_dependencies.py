@@ -22,7 +22,8 @@ from mextract import fingerprint as fp
 LAYERS = [
     {"__init__", "io", "compute", "defaults", "fingerprint", "augment", "models", "timings"},
     {"data", "metrics", "train"},
-    {"watermark", "defences", "api", "querylog", "detection", "remote"},
+    {"watermark", "defences", "defence_specs", "defence_models", "api", "querylog",
+     "detection", "remote"},
     {"queries", "pools"},
     {"attacks"},  # the package and every module in it
     {"victim", "experiment", "bench", "byo", "serve"},

@@ -11,9 +11,14 @@ SPSG's forward differences) and answers
 * ``honey``: shorthand for ``hard`` with the :class:`~mextract.defences.HoneyLabels`
   layer (where top-1 minus top-2 logit < margin, answer the top-2 class).
 
-Defences are layers applied to hard answers in the order given (a DAWN watermark
-layer last); :meth:`VictimAPI.watermark_log` returns the defender-side log of the
-watermarked answers. The API counts every image it answers and refuses a call that
+Defences are layers applied in the order given (:mod:`mextract.defences`): first the
+*probability layers* (``acts_on == "probs"``: top-k, rounding, noise, reverse sigmoid,
+MAD, adaptive misinformation) map the victim's softmax to the served probability
+vectors, in soft and hard APIs; a hard API then takes each row's top class
+(:func:`mextract.defences.top_label`: ties go to the victim's top-1) and applies the
+*label layers* (``acts_on == "labels"``: honey, DAWN; hard APIs only, a DAWN
+watermark layer last). :meth:`VictimAPI.watermark_log` returns the defender-side log
+of the watermarked answers. The API counts every image it answers and refuses a call that
 would exceed its budget. :attr:`VictimAPI.fingerprint` identifies what answers: the
 victim's weights, the mode and every defence layer's full configuration (a DAWN key
 only as a digest); saved query logs are valid only for the same fingerprint
@@ -42,12 +47,15 @@ class QueryBudgetExceeded(RuntimeError):
 
 
 class Defence(Protocol):
-    """An API layer that may change the served hard labels."""
+    """An API layer that may change the served answers: ``acts_on == "probs"`` maps
+    probability vectors (float32 (N, K)) to probability vectors, ``"labels"`` maps hard
+    labels (N,) to hard labels. Either gets the uint8 images and the victim's logits."""
 
     name: str
+    acts_on: str
 
     def __call__(self, images: torch.Tensor, logits: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor: ...
+                 answers: torch.Tensor) -> torch.Tensor: ...
 
     def spec(self) -> dict[str, Any]:
         """The layer's full configuration as JSON values (a secret only as a digest)."""
@@ -109,10 +117,14 @@ class VictimAPI:
         if mode == "honey":
             from mextract.defences import HoneyLabels
 
-            mode = "hard"
-            self.defences.insert(0, HoneyLabels())
-        if mode == "soft" and self.defences:
-            raise ValueError("defence layers act on hard labels; use mode 'hard'")
+            mode = "hard"  # honey labels: the first label layer, after any probability layer
+            first_label = next((i for i, d in enumerate(self.defences)
+                                if _acts_on(d) == "labels"), len(self.defences))
+            self.defences.insert(first_label, HoneyLabels())
+        labels = [d.name for d in self.defences if _acts_on(d) == "labels"]
+        if mode == "soft" and labels:
+            raise ValueError(f"label layers ({', '.join(labels)}) act on hard labels; "
+                             "use mode 'hard'")
         if self.defences:
             from mextract.defences import check_order
 
@@ -180,9 +192,25 @@ class VictimAPI:
         x = quantize(images.cpu())
         logits = self.logits(x)
         self._count += n
+        prob_layers = [d for d in self.defences if _acts_on(d) == "probs"]
+        probs = torch.softmax(logits, dim=1)
+        for layer in prob_layers:
+            probs = layer(x, logits, probs).float()
         if self.mode == "soft":
-            return torch.softmax(logits, dim=1)
-        labels = logits.argmax(dim=1)
+            return probs
+        if prob_layers:
+            from mextract.defences import top_label
+
+            labels = top_label(probs, logits.argmax(dim=1))
+        else:  # the victim's own top-1 (softmax may tie logits that differ)
+            labels = logits.argmax(dim=1)
         for layer in self.defences:
-            labels = layer(x, logits, labels)
+            if _acts_on(layer) == "labels":
+                labels = layer(x, logits, labels)
         return labels
+
+
+def _acts_on(layer: Defence) -> str:
+    """What a layer maps: ``"probs"`` or ``"labels"`` (a layer without the attribute
+    is a label layer, as every layer was before probability layers existed)."""
+    return getattr(layer, "acts_on", "labels")

@@ -179,10 +179,23 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'apis.{name}.victim': unknown victim '{api['victim']}' "
                 f"(defined: {', '.join(cfg['victims'])})")
         types = [d["type"] for d in api["defences"]]
-        if types and api["mode"] == "soft":
+        # label layers (= mextract.defence_specs.LABEL_TYPES, not imported: that module
+        # is outside this module's torch-free closure test) need hard answers and come
+        # after every probability layer
+        label_types = ("honey", "dawn")
+        label_layers = [t for t in types if t in label_types]
+        if label_layers and api["mode"] == "soft":
             problems.append(
-                f"config key 'apis.{name}.defences': defence layers act on hard labels; "
-                f"set 'apis.{name}.mode' to hard or honey")
+                f"config key 'apis.{name}.defences': the label layers "
+                f"({', '.join(label_layers)}) act on hard labels; set "
+                f"'apis.{name}.mode' to hard or honey")
+        first_label = next((i for i, t in enumerate(types) if t in label_types), len(types))
+        late = [i for i, t in enumerate(types) if i > first_label and t not in label_types]
+        if late:
+            problems.append(
+                f"config key 'apis.{name}.defences.{late[0]}': the {types[late[0]]} layer "
+                "acts on probability vectors and must come before every label layer "
+                f"({', '.join(label_types)})")
         if "dawn" in types[:-1]:
             problems.append(
                 f"config key 'apis.{name}.defences.{types.index('dawn')}': the dawn layer "

@@ -82,7 +82,9 @@ rule plot_victims:
 
 rule make_table:
     input:
-        metrics=mc.experiment_files(config, "metrics.json", mc.table_experiments(config)),
+        metrics=mc.experiment_files(
+            config, "metrics.json", mc.table_experiments(config)
+        ),
         victims=VICTIM_METRICS,
         reference=REFERENCE,
         # Not read: listed so that `rule all`, which asks for the table, also builds

@@ -111,8 +111,8 @@ def test_dawn_must_be_the_last_layer():
     with pytest.raises(ValueError, match="last"):
         VictimAPI(linear_victim(), "honey", compute=CPU,
                   defences=[DawnWatermark("k"), HoneyLabels()])
-    with pytest.raises(ValueError, match="unknown defence type 'noise'"):
-        build_defences([{"type": "noise"}])
+    with pytest.raises(ValueError, match="unknown defence type 'telepathy'"):
+        build_defences([{"type": "telepathy"}])
 
 
 def test_no_dawn_layer_gives_an_empty_log(images):

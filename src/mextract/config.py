@@ -34,6 +34,7 @@ import yaml
 
 from mextract import defaults
 from mextract.attacks import registry
+from mextract.defence_specs import LABEL_TYPES, required_models
 
 #: config/schema.yaml of this checkout (the only home of defaults)
 SCHEMA = defaults.SCHEMA
@@ -43,8 +44,6 @@ BASELINE_SUFFIX = "-random"
 #: name prefix of the defence matrix's generated experiments (``mx.<defence>.<attack>``)
 #: and APIs (``mx-<defence>-<soft|hard>``)
 MATRIX_PREFIX = "mx"
-#: defence layers that act on hard labels (the others act on probabilities)
-LABEL_LAYERS = ("honey", "dawn")
 
 
 class ConfigError(ValueError):
@@ -179,10 +178,8 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                 f"config key 'apis.{name}.victim': unknown victim '{api['victim']}' "
                 f"(defined: {', '.join(cfg['victims'])})")
         types = [d["type"] for d in api["defences"]]
-        # label layers (= mextract.defence_specs.LABEL_TYPES, not imported: that module
-        # is outside this module's torch-free closure test) need hard answers and come
-        # after every probability layer
-        label_types = ("honey", "dawn")
+        # label layers need hard answers and come after every probability layer
+        label_types = LABEL_TYPES
         label_layers = [t for t in types if t in label_types]
         if label_layers and api["mode"] == "soft":
             problems.append(
@@ -297,7 +294,7 @@ def hard_equivalent(layers: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
     probability layers that may move the top-1 class. A hard-label API behind the
     other layers answers exactly what it answers without them."""
     return [dict(layer) for layer in layers
-            if layer["type"] in LABEL_LAYERS or not keeps_top1(layer)]
+            if layer["type"] in LABEL_TYPES or not keeps_top1(layer)]
 
 
 def _find_api(cfg: Mapping[str, Any], api: Mapping[str, Any]) -> str | None:
@@ -344,7 +341,7 @@ def matrix_applies(cfg: Mapping[str, Any], defence: str, attack: str) -> bool:
     has no soft answer to change); hard-label attacks against every stack."""
     kind = _answer_kind(cfg["apis"][cfg["experiments"][attack]["api"]])
     layers = cfg["matrix"]["defences"][defence]
-    return kind == "hard" or not any(layer["type"] in LABEL_LAYERS for layer in layers)
+    return kind == "hard" or not any(layer["type"] in LABEL_TYPES for layer in layers)
 
 
 def add_matrix(cfg: dict[str, Any]) -> None:
@@ -435,8 +432,6 @@ def matrix_metric_files(cfg: Mapping[str, Any]) -> list[str]:
 def defence_model_specs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Every defence model any API needs, by its key
     (:func:`mextract.defence_specs.required_models`)."""
-    from mextract.defence_specs import required_models
-
     out: dict[str, dict[str, Any]] = {}
     for api in cfg["apis"].values():
         out.update(required_models([dict(d) for d in api["defences"]]))
@@ -445,8 +440,6 @@ def defence_model_specs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def defence_model_files(cfg: Mapping[str, Any], api: str) -> list[str]:
     """The trained models an API's layers need (rule train_defence_model)."""
-    from mextract.defence_specs import required_models
-
     entry = cfg["apis"][api]
     return [f"{RESULTS}/defence_models/{entry['victim']}/{key}.pt"
             for key in required_models([dict(d) for d in entry["defences"]])]
@@ -493,10 +486,12 @@ def prepare(cfg: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> 
     """The validated, completed, expanded config the workflow runs (see module doc)."""
     out = validate(cfg, schema)
     add_random_baselines(out)
-    add_matrix(out)
-    problems = cross_check(out)
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    # the matrix's cells copy experiments and APIs checked first; then the cells too
+    for step in (lambda c: None, add_matrix):
+        step(out)
+        problems = cross_check(out)
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     # experiments keep their order (the table's row order); everything else is sorted
     experiments = {name: canonical(exp) for name, exp in out.pop("experiments").items()}
     out = canonical(out)

@@ -78,4 +78,3 @@ def test_the_workflow_side_modules_stay_torch_free():
         closure = fp.closure([module])
         heavy = [m for m in closure if m not in (*light, "attacks", "__init__")]
         assert not heavy, f"{module} pulls in {heavy}"
-

@@ -174,7 +174,7 @@ def test_query_stream_is_the_cache_then_the_live_queries():
 # ------------------------------------------------------------------ tables
 def _metrics(exp: str, strategy: str, stage: int, fids: list[float]) -> list[dict]:
     return [{"experiment": exp, "strategy": strategy, "stage": stage, "seed": s,
-             "fidelity": f, "accuracy": f - 0.1, "queries": 100}
+             "fidelity": f, "test_accuracy": f - 0.1, "queries": 100}
             for s, f in enumerate(fids)]
 
 

@@ -492,9 +492,14 @@ def prepare(cfg: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> 
         problems = cross_check(out)
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    # experiments keep their order (the table's row order); everything else is sorted
+    # experiments and the matrix's defences keep their order (the tables' row order);
+    # everything else is sorted
     experiments = {name: canonical(exp) for name, exp in out.pop("experiments").items()}
+    matrix = out.pop("matrix", None)
     out = canonical(out)
+    if matrix is not None:
+        defences = {name: canonical(stack) for name, stack in matrix.pop("defences").items()}
+        out["matrix"] = {**canonical(matrix), "defences": defences}
     out["experiments"] = experiments
     return out
 

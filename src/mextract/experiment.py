@@ -76,13 +76,14 @@ def make_api(victim: nn.Module | None, api_cfg: dict[str, Any], compute: Compute
 
 def load_defence_models(paths: Sequence[str | Path], defences: Sequence[Mapping[str, Any]],
                         num_classes: int) -> dict[str, nn.Module]:
-    """The trained models of an API's layers (files named ``<model key>.pt``)."""
+    """The trained models of an API's layers, from the files named ``<model key>.pt``
+    among ``paths`` (others are skipped; a missing one makes the layer refuse to build)."""
     from mextract.defence_models import load_defence_model
     from mextract.defence_specs import required_models
 
     specs = required_models([dict(d) for d in defences])
     return {Path(p).stem: load_defence_model(p, specs[Path(p).stem], num_classes)
-            for p in paths}
+            for p in paths if Path(p).stem in specs}
 
 
 def query_stream(pool: torch.Tensor, cache: Mapping[str, Any] | None, api: Any,

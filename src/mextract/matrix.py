@@ -57,7 +57,7 @@ def matrix_table(cells: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[s
     for c in cells:
         runs = by_exp.get(c["experiment"], [])
         fid, fid_sd = _mean_sd([r["fidelity"] for r in runs])
-        acc, acc_sd = _mean_sd([r["accuracy"] for r in runs])
+        acc, acc_sd = _mean_sd([r["test_accuracy"] for r in runs])
         cost = costs.get(c["api"], {})
         rows.append({
             "defence": c["defence"], "attack": c["attack"], "answers": c["answers"],

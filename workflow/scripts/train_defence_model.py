@@ -7,9 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
 from mextract.data import load_dataset
-from mextract.defence_models import train_defence_model
+from mextract.defence_models import save_defence_model, train_defence_model
 from mextract.experiment import load_victim
-from mextract.io import load_artifact, save_artifact
+from mextract.io import load_artifact
 from mextract.runtime import logged, setup
 
 with logged(snakemake.log[0]):
@@ -18,7 +18,7 @@ with logged(snakemake.log[0]):
     idx = load_artifact(snakemake.input.split)["victim"]
     victim = load_victim(snakemake.input.victim, snakemake.params.victim, len(data["classes"]))
     spec = dict(snakemake.params.spec)
-    model = train_defence_model(spec.pop("kind"), spec, data["x_train"][idx],
-                                data["y_train"][idx], victim, compute,
-                                seed=snakemake.params.seed)
-    save_artifact(model.cpu().state_dict(), snakemake.output.model)
+    kind = spec.pop("kind")
+    model = train_defence_model(kind, spec, data["x_train"][idx], data["y_train"][idx],
+                                victim, compute, seed=snakemake.params.seed)
+    save_defence_model(model, snakemake.output.model, kind, spec, len(data["classes"]))

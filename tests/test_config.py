@@ -109,6 +109,13 @@ def test_the_three_configs_name_the_same_experiments():
     assert set(demo["defences"]) <= set(full["defences"])
     assert set(demo["attacks"]) <= set(full["attacks"])
     assert len(demo["defences"]) - 1 >= 3 and len(demo["attacks"]) >= 3  # 3 x 3 at least
+    # every defence layer but DAWN (a watermark for verification, in Stage 3) against
+    # kd, basic, augmentation and MARICH
+    from mextract.defences import LAYERS
+
+    used = {layer["type"] for stack in cpu["defences"].values() for layer in stack}
+    assert used == set(LAYERS) - {"dawn"}
+    assert cpu["attacks"] == ["kd", "basic", "augmentation", "marich"]
     stages = {e["stage"] for e in mc.prepare(CONFIGS["config"])["experiments"].values()}
     assert stages == {1, 2, 3}
     strategies = {e["strategy"] for e in mc.prepare(CONFIGS["config"])["experiments"].values()}

@@ -62,7 +62,7 @@ rule make_matrix:
     input:
         metrics=lambda wc: mc.matrix_metric_files(config),
         detection=lambda wc: mc.experiment_files(
-            config, "metrics.json", config["matrix"]["attacks"]
+            config, "metrics.json", mc.detected_attacks(config)
         ),
         costs=rules.defence_costs.output.costs,
     output:

@@ -309,6 +309,9 @@ drop = [c for c in TIMING_COLUMNS + BASELINE_COLUMNS if c in table]
 # a column the part of the demo never fills (e.g. `pool`, shown where a stage has an
 # experiment with another pool) is absent from its table
 only_local = [c for c in reference.columns if c not in table.columns]
+# ... or present but empty in both (then its dtype says nothing)
+drop += [c for c in table.columns if c in reference.columns and c not in drop
+         and table[c].isna().all() and reference[c].isna().all()]
 extra = [c for c in table.columns if c not in reference.columns]
 if extra:
     problems.append(f"columns not in the local run's table: {extra}")

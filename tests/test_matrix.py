@@ -158,6 +158,16 @@ def test_recording_api_keeps_the_stream_in_order_and_the_log_keeps_it(tmp_path):
     assert third.reuse() is None  # no stream in it: the job asks again to have one
 
 
+def test_recording_keeps_only_the_examined_prefix():
+    api = RecordingAPI(VictimAPI(TinyVictim(), mode="soft"), limit=7)
+    pool = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    api.query(pool[:5])
+    api.query(pool[5:])
+    assert api.queries == 12  # every query is answered and counted
+    assert torch.equal(api.stream()["images"], pool[:7])
+    assert api.stream()["answers"].shape == (7, 10)
+
+
 def test_query_stream_is_the_cache_then_the_live_queries():
     pool = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
     cache = {"query_set": "pool", "indices": torch.arange(12),

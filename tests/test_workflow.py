@@ -112,8 +112,12 @@ def test_demo_defence_matrix(demo_run):
     assert apis["soft"]["api_l1_distortion"] == 0
     assert 0 <= costs["fpr"]["fpr"] <= 1 and costs["fpr"]["clients"] >= 1
     detection = pd.read_csv(demo_run / "results" / "matrix_detection.csv")
-    assert set(detection["attack"]) == {"kd", "basic", "augmentation"}
+    assert set(detection["attack"]) == {"kd", "basic", "augmentation", "knockoff", "jbda"}
     assert (detection["examined"] > 0).all()
+    flagged = detection.set_index("attack")["flagged_at"]
+    # measured (2026-12-01): PRADA flags JBDA's synthetic stream at query 120 of 240 and
+    # none of the natural-image streams (the pool's images, their augmented views)
+    assert flagged["jbda"] <= 240 and pd.isna(flagged["kd"]) and pd.isna(flagged["basic"])
     for name in ("matrix_heatmap.png", "matrix_utility.png"):
         assert (demo_run / "results" / "report" / name).stat().st_size > 1000
     assert "## Defence matrix" in (demo_run / "results" / "summary.md").read_text()

@@ -364,6 +364,9 @@ def add_matrix(cfg: dict[str, Any]) -> None:
                  f"'{cfg['experiments'][a]['api']}', which already has defence layers"
                  for a in m["attacks"] if cfg["experiments"].get(a, {}).get("api")
                  in cfg["apis"] and cfg["apis"][cfg["experiments"][a]["api"]]["defences"]]
+    problems += [f"config key 'matrix.detection.attacks': '{a}' is not an entry of "
+                 "'experiments' that queries an API" for a in m["detection"]["attacks"]
+                 if "api" not in cfg["experiments"].get(a, {})]
     problems += [f"config key 'matrix.attacks': '{a}' queries the served API "
                  f"'{cfg['experiments'][a]['api']}' (its defences are the server's)"
                  for a in m["attacks"] if "url" in cfg["apis"].get(
@@ -459,12 +462,20 @@ def cost_inputs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def detect_settings(cfg: Mapping[str, Any], exp: str) -> dict[str, Any] | None:
-    """PRADA's settings for an attack the matrix lists (its stream against the
-    undefended API is examined in its own job); None for every other experiment."""
-    m = cfg.get("matrix")
-    if not m or exp not in m["attacks"]:
+    """PRADA's settings for an attack the matrix lists or ``matrix.detection.attacks``
+    names (its query stream is examined in its own job); None for every other one."""
+    if exp not in detected_attacks(cfg):
         return None
-    return dict(m["detection"])
+    return {k: v for k, v in cfg["matrix"]["detection"].items() if k != "attacks"}
+
+
+def detected_attacks(cfg: Mapping[str, Any]) -> list[str]:
+    """The experiments whose query streams PRADA examines: the matrix's attacks and
+    ``matrix.detection.attacks``."""
+    m = cfg.get("matrix")
+    if not m:
+        return []
+    return list(dict.fromkeys([*m["attacks"], *m["detection"]["attacks"]]))
 
 
 def table_experiments(cfg: Mapping[str, Any]) -> list[str]:

@@ -164,7 +164,7 @@ def run_experiment(*, strategy: str, params: dict[str, Any], data: dict[str, Any
         if detect is not None:
             from mextract.querylog import RecordingAPI
 
-            api = RecordingAPI(api)
+            api = RecordingAPI(api, limit=int(detect["max_queries"]))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     split_pool = data["x_train"][split["pool"]]

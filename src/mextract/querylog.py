@@ -87,23 +87,29 @@ class RecordingAPI:
     PRADA (:mod:`mextract.detection`) sees the stream. Everything else is the wrapped
     API's (counter, budget, fingerprint, defences)."""
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: Any, limit: int | None = None) -> None:
         self.inner = api
+        #: the most queries kept (the prefix a detector examines); None = all
+        self.limit = limit
         self._images: list[torch.Tensor] = []
         self._answers: list[torch.Tensor] = []
+        self._kept = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         answers = self.inner.query(images)
-        self._images.append(quantize(images.cpu()))
-        self._answers.append(answers.cpu())
+        room = len(images) if self.limit is None else max(0, self.limit - self._kept)
+        if room:
+            self._images.append(quantize(images[:room].cpu()))
+            self._answers.append(answers[:room].cpu())
+            self._kept += min(room, len(images))
         return answers
 
     def stream(self) -> dict[str, torch.Tensor]:
         """{"images": uint8 (Q, C, H, W), "answers": (Q,) labels or (Q, K) probabilities}
-        of every query answered so far, in order."""
+        of the queries answered so far, in order (the first ``limit``)."""
         if not self._images:
             return {"images": torch.zeros(0, dtype=torch.uint8),
                     "answers": torch.zeros(0)}

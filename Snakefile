@@ -22,3 +22,5 @@ rule all:
         rules.make_table.output,
         rules.summarize_run.output,
         MATRIX,
+        # every kept file, so that a deleted or failed one is rebuilt
+        mc.all_outputs(config),

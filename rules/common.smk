@@ -15,6 +15,12 @@ from mextract import config as mc  # noqa: E402
 from mextract.fingerprint import fingerprint  # noqa: E402
 from mextract.report import STAGE_TITLES  # noqa: E402  (torch-free)
 
+# Snakemake's YAML loader keeps the last of two equal keys silently: read each config
+# file again with one that refuses them (naming the key and its lines).
+for _path in workflow.config_settings.configfiles or [
+    Path(workflow.basedir) / "config/config.yaml"
+]:
+    mc.read_yaml(_path)
 # `--configfile X` *replaces* config/config.yaml instead of being deep-merged into it
 # (Snakemake's default merge would add the full study's experiments to a demo run).
 if workflow.config_settings.configfiles:

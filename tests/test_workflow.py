@@ -121,3 +121,28 @@ def test_demo_defence_matrix(demo_run):
     for name in ("matrix_heatmap.png", "matrix_utility.png"):
         assert (demo_run / "results" / "report" / name).stat().st_size > 1000
     assert "## Defence matrix" in (demo_run / "results" / "summary.md").read_text()
+
+
+def test_a_deleted_output_is_rebuilt(demo_run):
+    """Rule all asks for every kept file: a deleted substitute is rebuilt (exactly its
+    job and what depends on it)."""
+    path = demo_run / "results" / "experiments" / "kd" / "seed0" / "model.pt"
+    moved = path.with_name("model.pt.moved")
+    path.rename(moved)
+    try:
+        proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
+    finally:
+        moved.rename(path)
+    jobs = scheduled_jobs(proc)
+    assert jobs.get("run_attack") == 1 and "wildcards: exp=kd, seed=0" in proc.stdout, \
+        proc.stdout[-3000:]
+    assert set(jobs) <= RERUN_RULES, jobs
+
+
+def test_a_config_key_given_twice_stops_the_run(demo_run):
+    text = (demo_run / "config" / "demo.yaml").read_text()
+    (demo_run / "twice.yaml").write_text(
+        text + "\n  kd: {stage: 1, strategy: kd, api: soft}\n")  # a second 'kd'
+    proc = snakemake(demo_run, "-n", "--configfile", "twice.yaml", check=False)
+    assert proc.returncode != 0
+    assert "config key 'kd' is given twice" in proc.stdout + proc.stderr

@@ -515,10 +515,39 @@ def prepare(cfg: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> 
     return out
 
 
-def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a config file, apply top-level ``overrides`` and :func:`prepare` it."""
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the
+    last silently, so a second ``kd:`` experiment would replace the first)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"invalid configuration:\n  {key_node.start_mark.name}, line {line}: "
+                f"config key '{key}' is given twice in one mapping (first on line "
+                f"{seen[key]}); YAML would keep only the last")
+        seen[key] = line
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A config file's contents; a key given twice in one mapping is a ConfigError
+    naming it and its lines."""
     with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+        return yaml.load(f, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a config file (:func:`read_yaml`), apply top-level ``overrides`` and
+    :func:`prepare` it."""
+    cfg = read_yaml(path) or {}
     cfg.update(overrides or {})
     return prepare(cfg)
 
@@ -723,6 +752,24 @@ def attack_settings(cfg: Mapping[str, Any], exp: str, seed: int) -> dict[str, An
 
 def api_settings(cfg: Mapping[str, Any], api: str) -> dict[str, Any]:
     return {**cfg["apis"][api], "name": api}
+
+
+def all_outputs(cfg: Mapping[str, Any]) -> list[str]:
+    """Every file the run keeps (rule ``all`` asks for each, so a deleted or failed one
+    is rebuilt, with what depends on it): each job's model, metrics and history, each
+    victim's files, each query cache and its DAWN log, each defence model."""
+    out = [f for name in ("model.pt", "metrics.json", "history.csv")
+           for f in experiment_files(cfg, name)]
+    apis = {e["api"] for e in cfg["experiments"].values() if e.get("api") in cfg["apis"]}
+    local = {a for a in apis if "url" not in cfg["apis"][a]}
+    victims = (set(used_victims(cfg)) | {cfg["apis"][a]["victim"] for a in local}) & set(
+        cfg["victims"])
+    out += [f"{RESULTS}/victims/{v}/{name}" for v in sorted(victims)
+            for name in ("model.pt", "test_predictions.pt", "metrics.json", "history.csv")]
+    caches = sorted({c for e in cfg["experiments"] if (c := query_cache(cfg, e))})
+    out += [f for c in caches for f in (c, c.removesuffix(".pt") + ".watermark.pt")]
+    out += sorted({f for a in local for f in defence_model_files(cfg, a)})
+    return out
 
 
 def used_victims(cfg: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,116 @@
+"""Careless and hostile configs: names that would become paths outside results/, keys
+given twice, and a fuzz test of random mutations of the demo config. Every mutation
+either validates or fails in mextract.config (before any job) with a message naming a
+config key; nothing else may escape (no KeyError, TypeError, ...)."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from mextract import config as mc
+
+DEMO = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+
+
+@pytest.mark.parametrize(("section", "old", "bad"), [
+    ("victims", "clean", "../../x"),
+    ("victims", "clean", ".."),
+    ("apis", "soft", "../x"),
+    ("apis", "hard", "a/b"),
+    ("experiments", "kd", ".."),
+    ("experiments", "kd", ".hidden"),
+])
+def test_names_that_become_paths_are_checked(section, old, bad):
+    cfg = copy.deepcopy(DEMO)
+    cfg[section] = {(bad if k == old else k): v for k, v in cfg[section].items()}
+    with pytest.raises(mc.ConfigError, match=f"config key '{section}'"):
+        mc.prepare(cfg)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA", "mps", ""])
+def test_only_known_devices(device):
+    with pytest.raises(mc.ConfigError, match="config key 'compute.device'"):
+        mc.prepare({**copy.deepcopy(DEMO), "compute": {"device": device}})
+    for ok in ("auto", "cpu", "cuda", "cuda:1"):
+        assert mc.prepare({**copy.deepcopy(DEMO), "compute": {"device": ok}})
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("experiments:\n  kd: {stage: 1, strategy: control}\n"
+                    "  kd: {stage: 2, strategy: control}\n")
+    with pytest.raises(mc.ConfigError, match=r"line 3: config key 'kd' is given twice.*"
+                                             r"first on line 2"):
+        mc.read_yaml(path)
+    with pytest.raises(mc.ConfigError, match="given twice"):
+        mc.load(path)
+
+
+# ------------------------------------------------------------------ fuzzing
+ODD_NAMES = ["..", ".", "../x", "a/b", "", " ", "x" * 300, "ü", "-", "a b", "$HOME", "~"]
+ODD_VALUES: list[Any] = [None, True, -1, 0, 1e12, -1e-9, 0.5, "x", "", [], {}, [1, 2],
+                         {"a": 1}, float("nan"), 2**40]
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _parent(cfg: Any, path: tuple) -> Any:
+    for part in path[:-1]:
+        cfg = cfg[part]
+    return cfg
+
+
+def mutate(cfg: dict, rng: random.Random) -> str:
+    """Change one thing of ``cfg`` in place; returns what was done."""
+    path = rng.choice(_paths(cfg))
+    parent, key = _parent(cfg, path), path[-1]
+    kind = rng.choice(["value", "value", "unknown key", "rename", "delete"])
+    if kind == "value":
+        parent[key] = copy.deepcopy(rng.choice(ODD_VALUES))
+        return f"{path} = {parent[key]!r}"
+    if kind == "unknown key" and isinstance(parent[key], dict):
+        parent[key]["tpyo"] = 1
+        return f"{path}.tpyo"
+    if kind == "rename" and isinstance(parent, dict):
+        new = rng.choice(ODD_NAMES)
+        parent[new] = parent.pop(key)
+        return f"{path} renamed {new!r}"
+    if isinstance(parent, dict):
+        del parent[key]
+    else:
+        parent.pop(key)
+    return f"{path} deleted"
+
+
+def test_fuzzed_configs_validate_or_name_a_key():
+    rng = random.Random(20261201)
+    start, n, failed = time.perf_counter(), 0, 0
+    while n < 250:
+        cfg = copy.deepcopy(DEMO)
+        what = [mutate(cfg, rng) for _ in range(rng.choice([1, 1, 2]))]
+        n += 1
+        try:
+            mc.prepare(cfg)
+        except mc.ConfigError as err:
+            failed += 1
+            assert "config key '" in str(err), (what, str(err))
+        except Exception as err:  # noqa: BLE001
+            pytest.fail(f"mutation {what} raised {type(err).__name__}: {err}")
+    assert time.perf_counter() - start < 60
+    assert failed > n // 3  # most mutations are errors (else the fuzzing does nothing)

@@ -42,6 +42,40 @@ def test_only_known_devices(device):
         assert mc.prepare({**copy.deepcopy(DEMO), "compute": {"device": ok}})
 
 
+@pytest.mark.parametrize(("exp", "params", "key"), [
+    ("kd", {"temperature": 0}, "experiments.kd.params.temperature"),
+    ("random_erasing", {"temperature": 0.0}, "experiments.random_erasing.params.temperature"),
+    ("random_erasing", {"scale_min": 0.5, "scale_max": 0.1},
+     "experiments.random_erasing.params.scale_min"),
+])
+def test_values_bound_to_fail_in_a_job_are_refused_before(exp, params, key):
+    cfg = copy.deepcopy(DEMO)
+    cfg["experiments"][exp]["params"] = params
+    with pytest.raises(mc.ConfigError, match=f"config key '{key}'"):
+        mc.prepare(cfg)
+
+
+def test_an_image_folder_is_checked_before_any_job(tmp_path):
+    def prepared(root):
+        return mc.prepare({**copy.deepcopy(DEMO), "dataset": {"name": "imagefolder",
+                                                               "root": str(root)}})
+
+    with pytest.raises(mc.ConfigError, match="config key 'dataset.root'.*not a folder"):
+        prepared(tmp_path / "nowhere")
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+    with pytest.raises(mc.ConfigError, match="no 'test/' folder"):
+        prepared(tmp_path)
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    (tmp_path / "test" / "cow").mkdir()
+    with pytest.raises(mc.ConfigError, match=r"only in train: \['dog'\], only in test: "
+                                             r"\['cow'\]"):
+        prepared(tmp_path)
+    (tmp_path / "test" / "cow").rmdir()
+    (tmp_path / "test" / "dog").mkdir()
+    assert prepared(tmp_path)["dataset"]["root"] == str(tmp_path)
+
+
 def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("experiments:\n  kd: {stage: 1, strategy: control}\n"

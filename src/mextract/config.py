@@ -154,9 +154,36 @@ def first_victim(cfg: Mapping[str, Any]) -> str:
     return next(iter(cfg["victims"]))
 
 
+def image_folder_problems(dataset: Mapping[str, Any]) -> list[str]:
+    """An imagefolder data set's tree, checked from its folder names before any job:
+    ``root`` exists and has ``train/`` and ``test/`` with the same class folders."""
+    if dataset["name"] != "imagefolder":
+        return []
+    root = dataset["root"]
+    if root is None:
+        return ["config key 'dataset.root': an imagefolder data set needs its image tree"]
+    root = Path(root)
+    if not root.is_dir():
+        return [f"config key 'dataset.root': '{root}' is not a folder"]
+    classes = {}
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            return [f"config key 'dataset.root': '{root}' has no '{part}/' folder (an "
+                    "imagefolder data set needs train/<class>/* and test/<class>/*)"]
+        classes[part] = {p.name for p in (root / part).iterdir() if p.is_dir()}
+    if classes["train"] != classes["test"]:
+        return [f"config key 'dataset.root': the class folders of '{root}/train' and "
+                f"'{root}/test' differ: only in train: "
+                f"{sorted(classes['train'] - classes['test'])}, only in test: "
+                f"{sorted(classes['test'] - classes['train'])}"]
+    if len(classes["train"]) < 2:
+        return [f"config key 'dataset.root': '{root}/train' has fewer than 2 class folders"]
+    return []
+
+
 def cross_check(cfg: Mapping[str, Any]) -> list[str]:
     """The references the schema cannot express, as messages naming each bad key."""
-    problems = []
+    problems = image_folder_problems(cfg["dataset"])
     if cfg["dataset"]["name"] == "imagefolder" and not cfg["split"]["shuffle"]:
         problems.append(
             "config key 'split.shuffle': an imagefolder data set is read sorted by class, "
@@ -200,6 +227,13 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
     for name, exp in cfg["experiments"].items():
         where = f"experiments.{name}"
         strategy = registry.get(exp["strategy"])
+        params = {**strategy.defaults, **exp["params"]}
+        for low in [k for k in params if k.endswith("_min")]:
+            high = low.removesuffix("_min") + "_max"
+            if high in params and params[low] > params[high]:
+                problems.append(
+                    f"config key '{where}.params.{low}': {params[low]} is above "
+                    f"{high} = {params[high]} (a range the wrong way round)")
         if strategy.answers is None:
             if "api" in exp:
                 problems.append(f"config key '{where}.api': '{exp['strategy']}' never queries")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,18 @@ def fit(ctx: AttackContext, inputs: torch.Tensor, targets: Batch, objective: Obj
                     checkpoint=ctx.checkpoint(tag), desc=tag,
                     extra_log={"queries": queries})
     return model, history
+
+
+def capped_budget(ctx: AttackContext, strategy: str, budget: int) -> int:
+    """What a pool-selection strategy (each pool image asked at most once) can spend:
+    ``budget``, or the pool's size when that is smaller, with a warning in the job's log
+    (its stderr); the metrics keep ``budget_requested`` beside the queries spent."""
+    n = len(ctx.pool)
+    if budget > n:
+        print(f"WARNING: {strategy}: params.budget = {budget} exceeds the attacker pool of "
+              f"{n} images; spending {n} (metrics: budget_requested, queries)",
+              file=sys.stderr)
+    return min(budget, n)
 
 
 def require_cache(ctx: AttackContext, kind: str) -> dict[str, Any]:

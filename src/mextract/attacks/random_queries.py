@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mextract.attacks.base import AttackContext, AttackResult, fit
+from mextract.attacks.base import AttackContext, AttackResult, capped_budget, fit
 from mextract.querylog import QueryLogStore
 from mextract.train import cross_entropy, distillation
 
@@ -41,7 +41,7 @@ def draw(pool_size: int, budget: int, seed: int) -> torch.Tensor:
 
 
 def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
-    budget = int(params["budget"])
+    budget = capped_budget(ctx, "random", int(params["budget"]))
     store = QueryLogStore.for_context(ctx, "random", params)
     api = store.api
     kind = "soft" if api.mode == "soft" else "hard"
@@ -60,4 +60,5 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
         objective = cross_entropy(ctx.train_cfg.label_smoothing)
     model, history = fit(ctx, ctx.pool[log["indices"]], targets, objective, queries)
     return AttackResult(model, queries, history, query_log=log,
-                        extra={**store.extra(log), "answers": kind})
+                        extra={**store.extra(log), "answers": kind,
+                               "budget_requested": int(params["budget"])})

@@ -50,7 +50,13 @@ from sklearn.decomposition import PCA
 from torch import nn
 from tqdm import tqdm
 
-from mextract.attacks.base import AttackContext, AttackResult, default_augment, fit
+from mextract.attacks.base import (
+    AttackContext,
+    AttackResult,
+    capped_budget,
+    default_augment,
+    fit,
+)
 from mextract.compute import Compute
 from mextract.io import tensor_digest
 from mextract.models import feature_extractor
@@ -254,8 +260,7 @@ def run_rounds(ctx: AttackContext, params: dict[str, Any], *, strategy: str, kin
     """The shared adaptive loop (see the module docstring). ``kind``: "soft" (targets
     ``p``) or "hard" (targets ``y``). Params used: budget, initial, rounds,
     round_epochs, candidates (0: score every unasked pool image each round)."""
-    n_pool = len(ctx.pool)
-    budget = min(int(params["budget"]), n_pool)
+    budget = capped_budget(ctx, strategy, int(params["budget"]))
     sizes = round_sizes(budget, int(params["initial"]), int(params["rounds"]))
     round_cfg = replace(ctx.train_cfg, epochs=int(params["round_epochs"]))
     target = "p" if kind == "soft" else "y"
@@ -275,6 +280,7 @@ def run_rounds(ctx: AttackContext, params: dict[str, Any], *, strategy: str, kin
                        tag="final")
     history = list(log["history"]) + [{**row, "phase": "final"} for row in final]
     extra: dict[str, Any] = {"rounds_run": len(sizes) - 1, **store.extra(log)}
+    extra["budget_requested"] = int(params["budget"])
     return AttackResult(model, queries, history, query_log=log, extra=extra)
 
 

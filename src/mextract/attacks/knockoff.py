@@ -55,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from mextract.attacks.base import AttackContext, AttackResult, fit
-from mextract.attacks.random_queries import draw
+from mextract.attacks.base import AttackContext, AttackResult
+from mextract.attacks.random_queries import draw, fit_answers
 from mextract.attacks.selection import round_log_store
 from mextract.querylog import QueryLogStore
-from mextract.train import cross_entropy, distillation, kd_loss
+from mextract.train import kd_loss
 
 SAMPLING = ("random", "adaptive")
 REWARDS = ("all", "cert", "div", "loss")
@@ -158,13 +158,8 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
             raise ValueError("knockoff: adaptive sampling is the strategy knockoff_adaptive")
         store, log = adaptive(ctx, params)
     queries = int(log["count"])
-    if log["kind"] == "soft":
-        targets = {"p": log["answers"].float()}
-        objective = distillation(float(params["temperature"]))
-    else:
-        targets = {"y": log["answers"].long()}
-        objective = cross_entropy(ctx.train_cfg.label_smoothing)
-    model, history = fit(ctx, ctx.pool[log["indices"]], targets, objective, queries)
+    model, history = fit_answers(ctx, ctx.pool[log["indices"]], log["answers"], log["kind"],
+                                 float(params["temperature"]), queries)
     extra = {**store.extra(log), "answers": log["kind"], "sampling": sampling}
     if "policy" in log:
         extra["arm_policy"] = [round(float(p), 4) for p in log["policy"]]

@@ -40,6 +40,19 @@ def draw(pool_size: int, budget: int, seed: int) -> torch.Tensor:
     return torch.randperm(pool_size, generator=gen)[:budget]
 
 
+def fit_answers(ctx: AttackContext, images: torch.Tensor, answers: torch.Tensor,
+                kind: str, temperature: float, queries: int) -> tuple[Any, list[dict]]:
+    """Train the substitute on answered pool images: distillation at ``temperature`` on
+    soft answers, cross-entropy on hard labels (also KnockoffNets' final training)."""
+    if kind == "soft":
+        targets = {"p": answers.float()}
+        objective = distillation(temperature)
+    else:
+        targets = {"y": answers.long()}
+        objective = cross_entropy(ctx.train_cfg.label_smoothing)
+    return fit(ctx, images, targets, objective, queries)
+
+
 def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
     budget = capped_budget(ctx, "random", int(params["budget"]))
     store = QueryLogStore.for_context(ctx, "random", params)
@@ -52,13 +65,8 @@ def run(ctx: AttackContext, params: dict[str, Any]) -> AttackResult:
         log = store.save({"kind": kind, "query_set": "random", "indices": indices,
                           "answers": answers}, complete=True)
     queries = int(log["count"])
-    if kind == "soft":
-        targets = {"p": log["answers"].float()}
-        objective = distillation(float(params["temperature"]))
-    else:
-        targets = {"y": log["answers"].long()}
-        objective = cross_entropy(ctx.train_cfg.label_smoothing)
-    model, history = fit(ctx, ctx.pool[log["indices"]], targets, objective, queries)
+    model, history = fit_answers(ctx, ctx.pool[log["indices"]], log["answers"], kind,
+                                 float(params["temperature"]), queries)
     return AttackResult(model, queries, history, query_log=log,
                         extra={**store.extra(log), "answers": kind,
                                "budget_requested": int(params["budget"])})

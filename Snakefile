@@ -8,6 +8,7 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/device.smk"
 include: "rules/victim.smk"
 include: "rules/import.smk"
 include: "rules/queries.smk"

@@ -1,6 +1,7 @@
 rule run_attack:
     input:
         unpack(attack_inputs),
+        device_ok=DEVICE_OK,
     output:
         model=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/metrics.json",

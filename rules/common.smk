@@ -32,9 +32,23 @@ _prepared = mc.prepare(config)
 config.clear()
 config.update(_prepared)
 
+# An explicit CUDA device that this machine cannot give stops the run here, before any
+# job (on a cluster, the check_device job checks a GPU node: rules/device.smk).
+_problems = mc.device_problems(config["compute"]["device"])
+if workflow.is_main_process and _problems:
+    raise mc.ConfigError("invalid configuration:\n  " + "\n  ".join(_problems))
+
 RESULTS = mc.RESULTS
 ENV = "../envs/mextract.yaml"
 GPU = mc.gpu_units(config["compute"]["device"])
+# With an explicit CUDA device every GPU job waits for check_device (a temp file);
+# where the device fails there, no GPU job starts, so Snakemake removes no finished
+# output of a job that was bound to fail. 'auto' and 'cpu' always run: no check.
+DEVICE_OK = (
+    [f"{RESULTS}/checks/device.ok"]
+    if config["compute"]["device"].startswith("cuda")
+    else []
+)
 REFERENCE = "config/reference.yaml"  # the reference study's numbers (one data file)
 STAGES = mc.stages(config)
 

@@ -16,6 +16,7 @@ rule import_victim:
     input:
         data=rules.prepare_data.output.data,
         source=lambda wc: config["victims"][wc.victim]["source"]["path"],
+        device_ok=DEVICE_OK,
     output:
         model=f"{RESULTS}/victims/{{victim}}/model.pt",
         test_pred=f"{RESULTS}/victims/{{victim}}/test_predictions.pt",

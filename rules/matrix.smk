@@ -13,6 +13,7 @@ rule train_defence_model:
         data=rules.prepare_data.output.data,
         split=rules.split_data.output.split,
         victim=f"{RESULTS}/victims/{{victim}}/model.pt",
+        device_ok=DEVICE_OK,
     output:
         model=f"{RESULTS}/defence_models/{{victim}}/{{key}}.pt",
     log:
@@ -37,6 +38,7 @@ rule train_defence_model:
 rule defence_costs:
     input:
         unpack(lambda wc: mc.cost_inputs(config)),
+        device_ok=DEVICE_OK,
     output:
         costs=f"{RESULTS}/matrix/costs.json",
     log:

@@ -3,6 +3,7 @@ rule collect_queries:
         # the victim's weights (none for a served API, `apis.<name>.url`)
         unpack(lambda wc: mc.api_victim_inputs(config, wc.api)),
         data=rules.prepare_data.output.data,
+        device_ok=DEVICE_OK,
         split=rules.split_data.output.split,
         defence_models=lambda wc: mc.defence_model_files(config, wc.api),
     output:

@@ -2,6 +2,7 @@ rule train_victim:
     input:
         data=rules.prepare_data.output.data,
         split=rules.split_data.output.split,
+        device_ok=DEVICE_OK,
     output:
         model=f"{RESULTS}/victims/{{victim}}/model.pt",
         test_pred=f"{RESULTS}/victims/{{victim}}/test_predictions.pt",

@@ -175,6 +175,26 @@ def test_non_finite_loss_stops_training() -> None:
                   TrainConfig(epochs=1, batch_size=20), CPU, prefetch=prefetch)
 
 
+def test_a_non_finite_loss_in_a_job_names_its_config_key(tmp_path) -> None:
+    """A job's failure names the config entry it runs (runtime.logged's entry): a
+    non-finite loss in the message, any other error in a note under the traceback."""
+    from mextract.runtime import logged
+
+    x, y = _digits(40)
+    log = tmp_path / "job.log"
+    with pytest.raises(FloatingPointError,
+                       match=r"^config key 'experiments.kd': .*loss became .* in epoch 1"):
+        with logged(log, "experiments.kd"):
+            train(build_model("vgg11", 10, 0.125), x, {"y": y},
+                  lambda m, xb, b, g: m(xb).sum() * float("inf"),
+                  TrainConfig(epochs=1, batch_size=20), CPU)
+    assert "config key 'experiments.kd'" in log.read_text()
+    with pytest.raises(KeyError) as info:
+        with logged(None, "victims.clean"):
+            raise KeyError("x")
+    assert info.value.__notes__ == ["(in the job of config key 'victims.clean')"]
+
+
 def test_four_step_schedule_trains() -> None:
     """OneCycleLR divides by pct_start * total_steps - 1: 4 steps at pct_start 0.25 used
     to raise ZeroDivisionError."""

@@ -42,6 +42,47 @@ def test_only_known_devices(device):
         assert mc.prepare({**copy.deepcopy(DEMO), "compute": {"device": ok}})
 
 
+def test_a_cuda_device_this_machine_lacks_is_named(monkeypatch):
+    monkeypatch.setenv("MEXTRACT_GPUS", "0")
+    assert mc.device_problems("auto") == mc.device_problems("cpu") == []
+    [problem] = mc.device_problems("cuda")
+    assert problem.startswith("config key 'compute.device': 'cuda', but this machine "
+                              "shows no NVIDIA GPU")
+    monkeypatch.setenv("MEXTRACT_GPUS", "2")
+    assert mc.device_problems("cuda") == mc.device_problems("cuda:1") == []
+    assert "cuda:0 to cuda:1" in mc.device_problems("cuda:2")[0]
+    monkeypatch.setenv("MEXTRACT_GPUS", "two")
+    with pytest.raises(mc.ConfigError, match="MEXTRACT_GPUS: 'two'"):
+        mc.visible_gpus()
+
+
+def test_cuda_visible_devices_limits_the_gpus_seen(monkeypatch):
+    monkeypatch.delenv("MEXTRACT_GPUS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert mc.visible_gpus() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert mc.visible_gpus() == 0
+
+
+def test_a_watermark_target_outside_the_classes_is_refused(tmp_path):
+    cfg = copy.deepcopy(DEMO)
+    marked = next(n for n, v in cfg["victims"].items() if "watermark" in v)
+    cfg["victims"][marked]["watermark"]["target"] = 10  # digits: classes 0-9
+    with pytest.raises(mc.ConfigError, match=f"config key 'victims.{marked}.watermark"
+                                             r".target': class 10 does not exist \(the "
+                                             r"data set has 10 classes, 0-9\)"):
+        mc.prepare(cfg)
+    cfg["victims"][marked]["watermark"]["target"] = 9
+    assert mc.prepare(cfg)
+    for part in ("train", "test"):  # an image tree: its class folders
+        for cls in ("cat", "dog", "cow"):
+            (tmp_path / part / cls).mkdir(parents=True)
+    cfg["dataset"] = {"name": "imagefolder", "root": str(tmp_path)}
+    cfg["victims"][marked]["watermark"]["target"] = 3
+    with pytest.raises(mc.ConfigError, match="has 3 classes, 0-2"):
+        mc.prepare(cfg)
+
+
 @pytest.mark.parametrize(("exp", "params", "key"), [
     ("kd", {"temperature": 0}, "experiments.kd.params.temperature"),
     ("random_erasing", {"temperature": 0.0}, "experiments.random_erasing.params.temperature"),
@@ -148,3 +189,15 @@ def test_fuzzed_configs_validate_or_name_a_key():
             pytest.fail(f"mutation {what} raised {type(err).__name__}: {err}")
     assert time.perf_counter() - start < 60
     assert failed > n // 3  # most mutations are errors (else the fuzzing does nothing)
+
+
+def test_a_job_names_the_device_key_when_cuda_fails():
+    import torch
+
+    from mextract.compute import check_device
+
+    assert check_device("cpu") == "cpu: cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine's GPU works")
+    with pytest.raises(RuntimeError, match="config key 'compute.device': 'cuda:0'"):
+        check_device("cuda:0")

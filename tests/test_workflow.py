@@ -3,6 +3,8 @@
 import re
 
 import pandas as pd
+import pytest
+import torch
 import yaml
 from conftest import ROOT, snakemake
 
@@ -146,3 +148,35 @@ def test_a_config_key_given_twice_stops_the_run(demo_run):
     proc = snakemake(demo_run, "-n", "--configfile", "twice.yaml", check=False)
     assert proc.returncode != 0
     assert "config key 'kd' is given twice" in proc.stdout + proc.stderr
+
+
+def test_a_cuda_device_that_fails_costs_no_finished_output(demo_run, monkeypatch):
+    """compute.device 'cuda' where there is no GPU: refused when the config is read.
+    Where the machine seems to have one (MEXTRACT_GPUS=1) but torch cannot use it, the
+    check_device job fails before any GPU job starts: Snakemake removes no finished
+    output, and without the flag there is nothing to do."""
+    from mextract import config as mc
+
+    cuda = ("--configfile", "config/demo.yaml", "--config", "compute={device: cuda}")
+    if mc.visible_gpus() == 0:
+        proc = snakemake(demo_run, "-n", *cuda, check=False)
+        assert proc.returncode != 0
+        assert "config key 'compute.device': 'cuda'" in proc.stdout + proc.stderr
+    if torch.cuda.is_available():
+        pytest.skip("this machine's GPU works: check_device would pass")
+    results = demo_run / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")
+              if p.is_file() and "logs" not in p.parts}
+    monkeypatch.setenv("MEXTRACT_GPUS", "1")
+    proc = snakemake(demo_run, "--cores", "2", *cuda, check=False)
+    assert proc.returncode != 0
+    assert "check_device" in proc.stdout + proc.stderr
+    assert "run_attack" in proc.stdout  # planned, never started
+    log = (results / "logs" / "check_device.log").read_text()
+    assert "config key 'compute.device': 'cuda'" in log, log[-2000:]
+    gone = [str(p) for p, mtime in before.items()
+            if not p.exists() or p.stat().st_mtime_ns != mtime]
+    assert not gone, gone[:10]
+    monkeypatch.delenv("MEXTRACT_GPUS")
+    proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]

@@ -24,7 +24,9 @@ tie the validation to a Snakemake run. The library validates with the same
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,21 @@ def first_victim(cfg: Mapping[str, Any]) -> str:
     return next(iter(cfg["victims"]))
 
 
+#: known class counts of the built-in data sets (an imagefolder tree: its class folders)
+DATASET_CLASSES = {"digits": 10, "cifar10": 10}
+
+
+def dataset_classes(dataset: Mapping[str, Any]) -> int | None:
+    """How many classes the configured data set has, from its name or, for an
+    imagefolder tree, its ``train/`` class folders (None where that cannot be read)."""
+    if dataset["name"] in DATASET_CLASSES:
+        return DATASET_CLASSES[dataset["name"]]
+    root = dataset.get("root")
+    if root is None or not (Path(root) / "train").is_dir():
+        return None
+    return sum(1 for p in (Path(root) / "train").iterdir() if p.is_dir())
+
+
 def image_folder_problems(dataset: Mapping[str, Any]) -> list[str]:
     """An imagefolder data set's tree, checked from its folder names before any job:
     ``root`` exists and has ``train/`` and ``test/`` with the same class folders."""
@@ -189,6 +206,13 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
             "config key 'split.shuffle': an imagefolder data set is read sorted by class, "
             "so an unshuffled split would give the victim and the pool different classes; "
             "set split.shuffle: true")
+    classes = dataset_classes(cfg["dataset"])
+    for name, victim in cfg["victims"].items():
+        target = (victim.get("watermark") or {}).get("target")
+        if target is not None and classes is not None and target >= classes:
+            problems.append(
+                f"config key 'victims.{name}.watermark.target': class {target} does not "
+                f"exist (the data set has {classes} classes, 0-{classes - 1})")
     for name, api in cfg["apis"].items():
         if "url" in api:  # a served API: no victim here, the server holds the defences
             if not api.get("key_env"):
@@ -820,6 +844,61 @@ def stage_experiments(cfg: Mapping[str, Any], stage: int | str) -> list[str]:
     return [e for e in table_experiments(cfg) if int(cfg["experiments"][e]["stage"]) == int(stage)]
 
 
+def visible_gpus() -> int:
+    """The NVIDIA GPUs this process can see, found without importing torch: the
+    driver's ``/proc/driver/nvidia/gpus`` entries (else the lines of ``nvidia-smi
+    -L``), limited by ``CUDA_VISIBLE_DEVICES``. ``MEXTRACT_GPUS=N`` overrides the
+    count (a machine whose GPUs these cannot see)."""
+    override = os.environ.get("MEXTRACT_GPUS")
+    if override is not None:
+        if not override.strip().isdigit():
+            raise ConfigError(f"invalid configuration:\n  environment variable "
+                              f"MEXTRACT_GPUS: '{override}' is not a GPU count")
+        return int(override)
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        count = sum(1 for _ in proc.iterdir())
+    elif shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=30, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    else:
+        count = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # CUDA stops at the first negative id ("-1": none)
+        ids = []
+        for item in visible.split(","):
+            if not item.strip() or item.strip().startswith("-"):
+                break
+            ids.append(item)
+        count = min(count, len(ids))
+    return count
+
+
+def device_problems(device: str) -> list[str]:
+    """An explicit ``cuda``/``cuda:N`` device that this machine cannot give, as a
+    message naming ``compute.device`` (``auto`` and ``cpu`` always run). Checked by
+    the workflow when it reads the config, so a run that would fail in every GPU job
+    stops before any job (and before Snakemake removes any finished output)."""
+    if not device.startswith("cuda"):
+        return []
+    index = int(device.partition(":")[2] or 0)
+    count = visible_gpus()
+    if count == 0:
+        return [f"config key 'compute.device': '{device}', but this machine shows no "
+                "NVIDIA GPU; use 'auto' (a GPU where there is one, else the CPU) or "
+                "'cpu'. Submitting from a machine without a GPU to GPU nodes: keep "
+                "'auto' (each job uses its node's GPU), or set MEXTRACT_GPUS to the "
+                "nodes' GPU count"]
+    if index >= count:
+        return [f"config key 'compute.device': '{device}', but this machine shows "
+                f"{count} GPU(s): cuda:0 to cuda:{count - 1}"]
+    return []
+
+
 def gpu_units(device: str) -> int:
     """The ``gpu`` resource units of each GPU job: 1 when its jobs compute on a GPU, so
     that ``--resources gpu=N`` runs at most N of them at once; 0 when the config
@@ -829,5 +908,5 @@ def gpu_units(device: str) -> int:
     if device == "cpu":
         return 0
     if device == "auto":
-        return int(bool(shutil.which("nvidia-smi")))
+        return int(visible_gpus() > 0)
     return 1

@@ -51,18 +51,41 @@ def job_header() -> str:
 
 
 @contextlib.contextmanager
-def logged(log: str | Path | None) -> Iterator[None]:
-    """Send stdout and stderr (tqdm bars, warnings, tracebacks) to ``log``, after a
-    :func:`job_header` line (so a cluster job's log names its SLURM job id)."""
-    if not log:
+def blamed(entry: str | None) -> Iterator[None]:
+    """A failure inside names the config entry (``experiments.kd``, ``victims.clean``)
+    whose job it is: a non-finite loss (a learning rate or a temperature the config
+    check could not rule out) is re-raised with the key in its message; any other
+    error gets a note naming the entry (shown under its traceback)."""
+    if entry is None:
         yield
+        return
+    try:
+        yield
+    except FloatingPointError as err:
+        raise FloatingPointError(
+            f"config key '{entry}': {err}; the entry's training recipe ('train': lr, "
+            "batch size) or its parameters made the loss non-finite") from err
+    except Exception as err:
+        err.add_note(f"(in the job of config key '{entry}')")
+        raise
+
+
+@contextlib.contextmanager
+def logged(log: str | Path | None, entry: str | None = None) -> Iterator[None]:
+    """Send stdout and stderr (tqdm bars, warnings, tracebacks) to ``log``, after a
+    :func:`job_header` line (so a cluster job's log names its SLURM job id). A failure
+    names the config ``entry`` whose job it is (:func:`blamed`)."""
+    if not log:
+        with blamed(entry):
+            yield
         return
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", buffering=1) as f, contextlib.redirect_stderr(f), \
             contextlib.redirect_stdout(f):
         print(job_header(), flush=True)
         try:
-            yield
+            with blamed(entry):
+                yield
         except BaseException:
             import traceback
 

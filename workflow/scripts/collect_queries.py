@@ -12,7 +12,7 @@ from mextract.io import load_artifact, save_artifact
 from mextract.queries import collect
 from mextract.runtime import eprint, logged, setup
 
-with logged(snakemake.log[0]):
+with logged(snakemake.log[0], f"apis.{snakemake.wildcards.api}"):
     compute = setup(snakemake.params.compute, snakemake.threads)
     data = load_dataset(snakemake.input.data)
     pool = data["x_train"][load_artifact(snakemake.input.split)["pool"]]

@@ -20,7 +20,7 @@ from mextract.metrics import predict
 from mextract.runtime import eprint, logged, setup
 from mextract.victim import victim_scores
 
-with logged(snakemake.log[0]):
+with logged(snakemake.log[0], f"victims.{snakemake.wildcards.victim}"):
     t0 = time.perf_counter()
     v = snakemake.params.victim
     source = v["source"]

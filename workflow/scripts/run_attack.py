@@ -12,7 +12,7 @@ from mextract.experiment import load_defence_models, load_victim, run_experiment
 from mextract.io import load_artifact, save_artifact, write_json, write_text
 from mextract.runtime import discard_stale_checkpoints, logged, setup
 
-with logged(snakemake.log[0]):
+with logged(snakemake.log[0], f"experiments.{snakemake.wildcards.exp}"):
     s = snakemake.params.settings
     compute = setup(s["compute"], snakemake.threads, s["seed"])
     workdir = Path(snakemake.params.workdir)

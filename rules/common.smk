@@ -37,6 +37,11 @@ config.update(_prepared)
 _problems = mc.device_problems(config["compute"]["device"])
 if workflow.is_main_process and _problems:
     raise mc.ConfigError("invalid configuration:\n  " + "\n  ".join(_problems))
+# victims and APIs no experiment uses are left out: say so (a typo in an experiment's
+# api or victim would otherwise pass silently)
+if workflow.is_main_process:
+    for _line in mc.unused_entries(config):
+        print(f"warning: {_line}", file=sys.stderr)
 
 RESULTS = mc.RESULTS
 ENV = "../envs/mextract.yaml"

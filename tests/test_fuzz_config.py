@@ -83,6 +83,41 @@ def test_a_watermark_target_outside_the_classes_is_refused(tmp_path):
         mc.prepare(cfg)
 
 
+def test_names_that_differ_only_in_case_are_refused():
+    cfg = copy.deepcopy(DEMO)
+    cfg["experiments"]["KD"] = copy.deepcopy(cfg["experiments"]["kd"])
+    with pytest.raises(mc.ConfigError, match="config key 'experiments.KD': differs from "
+                                             "'experiments.kd' only in case"):
+        mc.prepare(cfg)
+
+
+def test_a_missing_pool_tree_is_refused_before_any_job(tmp_path):
+    cfg = copy.deepcopy(DEMO)
+    exp = next(n for n, e in cfg["experiments"].items() if e["strategy"] == "knockoff")
+    cfg["experiments"][exp]["pool"] = {"source": "imagefolder", "root": str(tmp_path / "x")}
+    with pytest.raises(mc.ConfigError, match=f"config key 'experiments.{exp}.pool.root'"):
+        mc.prepare(cfg)
+    (tmp_path / "x" / "cat").mkdir(parents=True)
+    assert mc.prepare(cfg)
+
+
+def test_a_root_the_data_set_would_ignore_is_refused():
+    cfg = {**copy.deepcopy(DEMO), "dataset": {"name": "digits", "root": "/data/mine"}}
+    with pytest.raises(mc.ConfigError, match="config key 'dataset.root': the digits"):
+        mc.prepare(cfg)
+
+
+def test_unused_victims_and_apis_are_named():
+    cfg = copy.deepcopy(DEMO)
+    assert mc.unused_entries(mc.prepare(cfg)) == []
+    cfg["victims"]["spare"] = copy.deepcopy(cfg["victims"]["clean"])
+    cfg["apis"]["typo"] = {**copy.deepcopy(cfg["apis"]["soft"]), "victim": "clean"}
+    assert mc.unused_entries(mc.prepare(cfg)) == [
+        "config key 'apis.typo': no experiment queries this API; it is left out",
+        "config key 'victims.spare': no experiment or API uses this victim; it is not "
+        "trained"]
+
+
 @pytest.mark.parametrize(("exp", "params", "key"), [
     ("kd", {"temperature": 0}, "experiments.kd.params.temperature"),
     ("random_erasing", {"temperature": 0.0}, "experiments.random_erasing.params.temperature"),

@@ -201,11 +201,26 @@ def image_folder_problems(dataset: Mapping[str, Any]) -> list[str]:
 def cross_check(cfg: Mapping[str, Any]) -> list[str]:
     """The references the schema cannot express, as messages naming each bad key."""
     problems = image_folder_problems(cfg["dataset"])
+    if cfg["dataset"]["name"] == "digits" and cfg["dataset"].get("root") is not None:
+        problems.append("config key 'dataset.root': the digits data set is bundled with "
+                        "scikit-learn and reads no folder; remove root (or set "
+                        "dataset.name to imagefolder or cifar10)")
     if cfg["dataset"]["name"] == "imagefolder" and not cfg["split"]["shuffle"]:
         problems.append(
             "config key 'split.shuffle': an imagefolder data set is read sorted by class, "
             "so an unshuffled split would give the victim and the pool different classes; "
             "set split.shuffle: true")
+    for section in ("victims", "apis", "experiments"):
+        # names become folders: two that differ only in case are one folder on a
+        # case-insensitive file system (macOS, Windows), and would overwrite each other
+        seen: dict[str, str] = {}
+        for name in cfg[section]:
+            if name.lower() in seen:
+                problems.append(
+                    f"config key '{section}.{name}': differs from '{section}."
+                    f"{seen[name.lower()]}' only in case (one folder on a case-insensitive "
+                    "file system)")
+            seen.setdefault(name.lower(), name)
     classes = dataset_classes(cfg["dataset"])
     for name, victim in cfg["victims"].items():
         target = (victim.get("watermark") or {}).get("target")
@@ -272,6 +287,9 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                     f"config key '{where}.api': strategy '{exp['strategy']}' needs "
                     f"{strategy.answers} answers, API '{exp['api']}' gives {kind}")
         pool = exp.get("pool") or {"source": "split"}
+        if pool["source"] == "imagefolder" and not Path(pool["root"]).is_dir():
+            problems.append(f"config key '{where}.pool.root': '{pool['root']}' is not a "
+                            "folder (an ImageFolder tree, root/<class>/*)")
         if pool["source"] != "split" and (not strategy.adaptive or strategy.cache):
             problems.append(
                 f"config key '{where}.pool': strategy '{exp['strategy']}' trains from a "
@@ -828,6 +846,20 @@ def all_outputs(cfg: Mapping[str, Any]) -> list[str]:
     out += [f for c in caches for f in (c, c.removesuffix(".pt") + ".watermark.pt")]
     out += sorted({f for a in local for f in defence_model_files(cfg, a)})
     return out
+
+
+def unused_entries(cfg: Mapping[str, Any]) -> list[str]:
+    """Victims and APIs that no experiment uses: the run leaves them out (no victim
+    trained, no API queried). Warned about when the config is read, so that a typo in
+    an experiment's ``api``/``victim`` does not pass silently."""
+    apis = {e.get("api") for e in cfg["experiments"].values()}
+    apis |= {e.get("verify_api") for e in cfg["experiments"].values()}
+    victims = set(used_victims(cfg)) | {cfg["apis"][a]["victim"] for a in apis
+                                        if a in cfg["apis"] and "victim" in cfg["apis"][a]}
+    return ([f"config key 'apis.{a}': no experiment queries this API; it is left out"
+             for a in cfg["apis"] if a not in apis]
+            + [f"config key 'victims.{v}': no experiment or API uses this victim; it is "
+               "not trained" for v in cfg["victims"] if v not in victims])
 
 
 def used_victims(cfg: Mapping[str, Any]) -> list[str]:

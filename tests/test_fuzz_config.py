@@ -229,7 +229,7 @@ def test_fuzzed_configs_validate_or_name_a_key():
 def test_a_job_names_the_device_key_when_cuda_fails():
     import torch
 
-    from mextract.compute import check_device
+    from mextract.runtime import check_device
 
     assert check_device("cpu") == "cpu: cpu"
     if torch.cuda.is_available():

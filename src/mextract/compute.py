@@ -32,35 +32,9 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """The torch device of ``compute.device``: 'auto' = the GPU where torch sees one,
-    else the CPU. An explicit 'cuda'/'cuda:N' that this process cannot use raises an
-    error naming the config key (before any work, instead of deep inside torch)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = device.index or 0
-        if index >= count:
-            raise RuntimeError(
-                f"config key 'compute.device': '{name}', but torch {torch.__version__} "
-                f"(CUDA {torch.version.cuda or 'none'}) sees {count} usable GPU(s) in "
-                "this job; use 'auto' or 'cpu', or run where the GPU is")
-    return device
-
-
-def check_device(name: str) -> str:
-    """Whether ``compute.device`` works here: resolve it and compute on it once. The
-    workflow's ``check_device`` job runs this before any GPU job of a run with an
-    explicit CUDA device, so that a device that fails stops the run before Snakemake
-    removes any finished output. Returns a line describing the device."""
-    device = resolve_device(name)
-    x = torch.ones(8, 8, device=device)
-    if float((x @ x).sum()) != 512.0:
-        raise RuntimeError(f"config key 'compute.device': '{name}' computed a wrong result")
-    if device.type == "cuda":
-        return f"{name}: {torch.cuda.get_device_name(device)}"
-    return f"{name}: {device}"
+    return torch.device(name)
 
 
 _DEFAULTS = defaults.of("compute")  # config/schema.yaml, properties.compute

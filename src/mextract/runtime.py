@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mextract import defaults
-from mextract.compute import Compute
+from mextract.compute import Compute, resolve_device
 from mextract.io import write_text
 
 #: metrics/history/table fields that measure wall-clock time: the only fields that
@@ -48,6 +48,29 @@ def job_header() -> str:
     }
     return "# mextract job: " + " ".join(f"{k}={v}" for k, v in fields.items()
                                          if v is not None)
+
+
+def check_device(name: str) -> str:
+    """Whether ``compute.device`` works in this job: resolve it and compute on it once.
+    The workflow's ``check_device`` job runs this before any GPU job of a run with an
+    explicit CUDA device, so that a device that fails stops the run before Snakemake
+    removes any finished output. Raises an error naming the config key; returns a line
+    describing the device."""
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise RuntimeError(
+                f"config key 'compute.device': '{name}', but torch {torch.__version__} "
+                f"(CUDA {torch.version.cuda or 'none'}) sees {count} usable GPU(s) in "
+                "this job; use 'auto' or 'cpu', or run where the GPU is")
+    device = resolve_device(name)
+    x = torch.ones(8, 8, device=device)
+    if float((x @ x).sum()) != 512.0:
+        raise RuntimeError(f"config key 'compute.device': '{name}' computed a wrong result")
+    if device.type == "cuda":
+        return f"{name}: {torch.cuda.get_device_name(device)}"
+    return f"{name}: {device}"
 
 
 @contextlib.contextmanager

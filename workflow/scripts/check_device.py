@@ -6,9 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.compute import check_device
 from mextract.io import write_text
-from mextract.runtime import logged
+from mextract.runtime import check_device, logged
 
 with logged(snakemake.log[0], "compute.device"):
     line = check_device(snakemake.params.device)

@@ -17,7 +17,7 @@ from mextract.runtime import discard_stale_checkpoints, logged, setup
 from mextract.train import TrainConfig
 from mextract.victim import train_victim, victim_scores
 
-with logged(snakemake.log[0], f"victims.{snakemake.wildcards.victim}"):
+with logged(snakemake.log[0]):
     t0 = time.perf_counter()
     v = snakemake.params.victim
     compute = setup(snakemake.params.compute, snakemake.threads, snakemake.params.seed)

@@ -56,10 +56,11 @@ def test_multiline_relative_and_strategy_imports(tmp_path):
     pkg = tmp_path / "pkg"
     write(pkg, BASE)
     assert fp.closure(["a"], pkg, "pkg") == ["a", "b"]  # multi-line `from ... import (`
-    # relative imports; another strategy module (s2) only when named
+    # relative imports; a module of the attacks package that s1 imports (s2) is in
+    # its closure: a change to code a strategy runs reruns it
     assert fp.closure(["attacks/s1"], pkg, "pkg") == ["attacks", "attacks/base", "attacks/s1",
-                                                      "c"]
-    assert "attacks/s2" in fp.closure(["attacks/s1", "attacks/s2"], pkg, "pkg")
+                                                      "attacks/s2", "c"]
+    assert fp.closure(["attacks/s2"], pkg, "pkg") == ["attacks/s2"]
 
 
 def test_moving_a_helper_keeps_the_jobs_up_to_date_that_a_content_change_would(tmp_path):
@@ -106,7 +107,15 @@ def test_library_closures():
     experiment = fp.closure(["experiment"])
     for module in ("api", "train", "attacks/base", "attacks/registry", "defences", "watermark"):
         assert module in experiment
-    assert "attacks/kd" not in experiment  # strategies only when named
+    assert "attacks/kd" not in experiment  # strategies are loaded by name, not imported
+    # shared helper modules are in the closures of the strategies that run them (a
+    # changed selection loop reruns MARICH and active learning, not KD)
+    assert "attacks/selection" in fp.closure(["experiment", "attacks/marich"])
+    assert "attacks/selection" in fp.closure(["experiment", "attacks/active_learning"])
+    assert "attacks/random_queries" in fp.closure(["experiment", "attacks/knockoff"])
+    kd = fp.closure(["experiment", "attacks/kd"])
+    assert [m for m in kd if m.startswith("attacks/")] == [
+        "attacks/base", "attacks/kd", "attacks/registry"]
     assert "config" not in experiment  # config logic never enters a job's fingerprint
     assert fp.fingerprint("experiment", "attacks/kd") != fp.fingerprint("experiment",
                                                                         "attacks/basic")

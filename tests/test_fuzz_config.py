@@ -236,3 +236,17 @@ def test_a_job_names_the_device_key_when_cuda_fails():
         pytest.skip("this machine's GPU works")
     with pytest.raises(RuntimeError, match="config key 'compute.device': 'cuda:0'"):
         check_device("cuda:0")
+
+
+def test_every_strategy_parameter_is_read_by_its_code():
+    """A parameter the config accepts (the registry's defaults) but the strategy's code
+    never reads would be silently ignored: each name appears as a key in the code the
+    strategy runs (its module's import closure)."""
+    from mextract.attacks import registry
+    from mextract.fingerprint import PACKAGE, closure, module_path
+
+    for strategy in registry.STRATEGIES.values():
+        code = "".join(module_path(m, PACKAGE).read_text()  # type: ignore[union-attr]
+                       for m in closure([f"attacks/{strategy.source.stem}"]))
+        unread = [k for k in strategy.defaults if f'"{k}"' not in code and f"'{k}'" not in code]
+        assert not unread, f"{strategy.name}: parameters never read: {unread}"

@@ -11,9 +11,12 @@ So a comment or docstring edit reruns nothing, and moving a helper between two m
 of a job's closure keeps that job up to date, exactly as an unchanged helper would;
 a changed helper reruns every job whose closure holds it.
 
-A strategy module (``attacks/<name>``, other than ``attacks/base``) enters a closure
-only when named by the rule, so one strategy's change never reruns another's
-experiments.
+Strategies are loaded by name (``registry.load``, not an import), so a strategy
+module enters a closure only when the rule names it, or when the named code really
+imports it or a helper module: MARICH's closure holds ``attacks/selection``, the
+selection loop it runs, and KnockoffNets' holds ``attacks/random_queries``, whose
+training step it shares. One strategy's change reruns exactly the experiments whose
+code it is.
 """
 
 from __future__ import annotations
@@ -75,19 +78,14 @@ def imports(path: Path, package: Path = PACKAGE, name: str = NAME) -> set[str]:
     return found
 
 
-def _is_strategy(module: str) -> bool:
-    return module.startswith("attacks/") and module not in ("attacks/base", "attacks/registry")
-
-
 def closure(modules: Iterable[str], package: Path = PACKAGE, name: str = NAME) -> list[str]:
-    """The named modules and every library module they import, transitively (strategy
-    modules only when named)."""
+    """The named modules and every library module they import, transitively."""
     named = {m.replace(".", "/") for m in modules}
     todo, seen = list(named), set()
     while todo:
         mod = todo.pop()
         path = module_path(mod, package)
-        if mod in seen or path is None or (_is_strategy(mod) and mod not in named):
+        if mod in seen or path is None:
             continue
         seen.add(mod)
         todo.extend(imports(path, package, name) - seen)

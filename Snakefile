@@ -3,7 +3,7 @@
 # Offline demo:      snakemake --cores 2 --configfile config/demo.yaml
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "rules/common.smk"

@@ -54,7 +54,8 @@ DEVICE_OK = (
     if config["compute"]["device"].startswith("cuda")
     else []
 )
-REFERENCE = "config/reference.yaml"  # the reference study's numbers (one data file)
+# the reference study's numbers (one data file of the workflow, whatever --directory)
+REFERENCE = str(Path(workflow.basedir) / "config" / "reference.yaml")
 STAGES = mc.stages(config)
 
 

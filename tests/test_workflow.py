@@ -180,3 +180,14 @@ def test_a_cuda_device_that_fails_costs_no_finished_output(demo_run, monkeypatch
     monkeypatch.delenv("MEXTRACT_GPUS")
     proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
+def test_a_config_runs_in_its_own_working_directory(tmp_path):
+    """`--directory` keeps each config's results apart (a demo run never replaces a
+    finished study's results/): the workflow's own files (config/config.yaml, the
+    reference numbers) are found from the Snakefile, not from the working directory."""
+    proc = snakemake(ROOT, "-n", "-d", str(tmp_path / "run"), "--configfile",
+                     str(ROOT / "config" / "demo.yaml"))
+    jobs = scheduled_jobs(proc)
+    assert jobs.get("make_table") == 1 and jobs.get("run_attack", 0) > 10, jobs
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".snakemake"]

@@ -41,11 +41,25 @@ def snakemake(workdir: Path, *args: str, check: bool = True,
     return proc
 
 
+def files_outside_results(work: Path) -> dict[str, int]:
+    """Every file of a project copy outside results/ and Snakemake's .snakemake/ (and
+    Python's caches), with its modification time."""
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*")
+            if p.is_file() and p.relative_to(work).parts[0] not in ("results", ".snakemake")
+            and "__pycache__" not in p.parts}
+
+
+#: the demo run's project copy outside results/, before and after its run
+DEMO_FILES: dict[str, dict[str, int]] = {}
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished demo workflow (config/demo.yaml) in a temporary project copy."""
     work = copy_project(tmp_path_factory.mktemp("demo"))
+    DEMO_FILES["before"] = files_outside_results(work)
     snakemake(work, "--cores", "2", "--configfile", "config/demo.yaml")
+    DEMO_FILES["after"] = files_outside_results(work)
     return work
 
 

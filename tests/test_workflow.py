@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT, snakemake
+from conftest import DEMO_FILES, ROOT, snakemake
 
 
 def scheduled_jobs(proc) -> dict[str, int]:
@@ -37,6 +37,14 @@ def test_demo_table_has_kd_and_basic_where_the_demo_puts_them(demo_run):
         control = rows.loc[row["control"]]
         assert row["fidelity_on_victim_errors"] > control["fidelity_on_victim_errors"] + 0.15
         assert row["queries"] == 719  # every pool image once (the API's counter)
+
+
+def test_the_run_writes_nothing_outside_results(demo_run):
+    """The demo run (every stage, the matrix) adds or changes no file of the project
+    outside results/ (and Snakemake's own .snakemake/)."""
+    before, after = DEMO_FILES["before"], DEMO_FILES["after"]
+    assert sorted(set(after) - set(before)) == []
+    assert [f for f in before if after.get(f) != before[f]] == []
 
 
 def test_nothing_to_do_after_a_run(demo_run):

@@ -107,6 +107,16 @@ def test_a_root_the_data_set_would_ignore_is_refused():
         mc.prepare(cfg)
 
 
+def test_an_offline_cifar10_without_a_copy_is_refused(tmp_path):
+    cfg = {**copy.deepcopy(DEMO), "dataset": {"name": "cifar10", "root": str(tmp_path),
+                                              "download": False}}
+    with pytest.raises(mc.ConfigError, match="config key 'dataset.root': .* holds no "
+                                             "CIFAR-10 copy"):
+        mc.prepare(cfg)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert mc.prepare(cfg)
+
+
 def test_unused_victims_and_apis_are_named():
     cfg = copy.deepcopy(DEMO)
     assert mc.unused_entries(mc.prepare(cfg)) == []

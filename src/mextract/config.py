@@ -201,6 +201,13 @@ def image_folder_problems(dataset: Mapping[str, Any]) -> list[str]:
 def cross_check(cfg: Mapping[str, Any]) -> list[str]:
     """The references the schema cannot express, as messages naming each bad key."""
     problems = image_folder_problems(cfg["dataset"])
+    ds = cfg["dataset"]
+    if ds["name"] == "cifar10" and not ds["download"]:
+        copy_root = Path(ds["root"] or "resources/cifar10")
+        if not (copy_root / "cifar-10-batches-py").is_dir():
+            problems.append(
+                f"config key 'dataset.root': '{copy_root}' holds no CIFAR-10 copy "
+                "(cifar-10-batches-py/) and dataset.download is false")
     if cfg["dataset"]["name"] == "digits" and cfg["dataset"].get("root") is not None:
         problems.append("config key 'dataset.root': the digits data set is bundled with "
                         "scikit-learn and reads no folder; remove root (or set "

@@ -179,7 +179,7 @@ def test_a_cuda_device_that_fails_costs_no_finished_output(demo_run, monkeypatch
     proc = snakemake(demo_run, "--cores", "2", *cuda, check=False)
     assert proc.returncode != 0
     assert "check_device" in proc.stdout + proc.stderr
-    assert "run_attack" in proc.stdout  # planned, never started
+    assert "run_attack" in proc.stdout + proc.stderr  # planned, never started
     log = (results / "logs" / "check_device.log").read_text()
     assert "config key 'compute.device': 'cuda'" in log, log[-2000:]
     gone = [str(p) for p, mtime in before.items()

@@ -168,7 +168,12 @@ def dataset_classes(dataset: Mapping[str, Any]) -> int | None:
     root = dataset.get("root")
     if root is None or not (Path(root) / "train").is_dir():
         return None
-    return sum(1 for p in (Path(root) / "train").iterdir() if p.is_dir())
+    return len(_class_folders(Path(root) / "train"))
+
+
+def _class_folders(folder: Path) -> set[str]:
+    """The class folders of an image tree's ``train/`` or ``test/`` part."""
+    return {p.name for p in folder.iterdir() if p.is_dir()}
 
 
 def image_folder_problems(dataset: Mapping[str, Any]) -> list[str]:
@@ -187,7 +192,7 @@ def image_folder_problems(dataset: Mapping[str, Any]) -> list[str]:
         if not (root / part).is_dir():
             return [f"config key 'dataset.root': '{root}' has no '{part}/' folder (an "
                     "imagefolder data set needs train/<class>/* and test/<class>/*)"]
-        classes[part] = {p.name for p in (root / part).iterdir() if p.is_dir()}
+        classes[part] = _class_folders(root / part)
     if classes["train"] != classes["test"]:
         return [f"config key 'dataset.root': the class folders of '{root}/train' and "
                 f"'{root}/test' differ: only in train: "
@@ -208,7 +213,7 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
             problems.append(
                 f"config key 'dataset.root': '{copy_root}' holds no CIFAR-10 copy "
                 "(cifar-10-batches-py/) and dataset.download is false")
-    if cfg["dataset"]["name"] == "digits" and cfg["dataset"].get("root") is not None:
+    if ds["name"] == "digits" and ds.get("root") is not None:
         problems.append("config key 'dataset.root': the digits data set is bundled with "
                         "scikit-learn and reads no folder; remove root (or set "
                         "dataset.name to imagefolder or cifar10)")
@@ -228,7 +233,7 @@ def cross_check(cfg: Mapping[str, Any]) -> list[str]:
                     f"{seen[name.lower()]}' only in case (one folder on a case-insensitive "
                     "file system)")
             seen.setdefault(name.lower(), name)
-    classes = dataset_classes(cfg["dataset"])
+    classes = dataset_classes(ds)
     for name, victim in cfg["victims"].items():
         target = (victim.get("watermark") or {}).get("target")
         if target is not None and classes is not None and target >= classes:

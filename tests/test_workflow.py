@@ -133,6 +133,20 @@ def test_demo_defence_matrix(demo_run):
     assert "## Defence matrix" in (demo_run / "results" / "summary.md").read_text()
 
 
+def test_the_study_summary_needs_no_matrix(demo_run):
+    """results/summary_study.md: the same page for the study's table alone (no matrix),
+    asked for by name; rule all does not ask for it."""
+    # the target before --configfile, which takes every word after it
+    snakemake(demo_run, "results/summary_study.md", "--cores", "1", "--configfile",
+              "config/demo.yaml")
+    page = (demo_run / "results" / "summary_study.md").read_text()
+    assert "## Defence matrix" not in page
+    table = (demo_run / "results" / "table.md").read_text().strip()
+    assert table in page
+    proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
 def test_a_deleted_output_is_rebuilt(demo_run):
     """Rule all asks for every kept file: a deleted substitute is rebuilt (exactly its
     job and what depends on it)."""

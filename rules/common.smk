@@ -100,10 +100,13 @@ VICTIM_METRICS = expand(
 )
 
 
-def run_command():
-    """The snakemake command line's config part (for the generated results page; the
-    number of cores is not part of it: each job's threads are in the config)."""
+def run_command(page=None):
+    """The snakemake command line for a generated results page: its target (none for
+    `all`'s page, summary.md) and config part. The number of cores is not part of it:
+    each job's threads are in the config."""
     parts = ["snakemake"]
+    if page is not None and Path(page).name != "summary.md":
+        parts.append(page)
     for path in workflow.config_settings.configfiles:
         parts += ["--configfile", os.path.relpath(path)]
     if workflow.config_settings.config_args:

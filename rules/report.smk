@@ -129,7 +129,7 @@ rule summarize_run:
         ENV
     params:
         title=config["title"],
-        command=run_command(),
+        command=lambda wildcards, output: run_command(output.md),
         compute=config["compute"],
         seeds=config["seeds"],
         benchmarks=f"{RESULTS}/benchmarks",

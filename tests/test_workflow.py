@@ -143,6 +143,10 @@ def test_the_study_summary_needs_no_matrix(demo_run):
     assert "## Defence matrix" not in page
     table = (demo_run / "results" / "table.md").read_text().strip()
     assert table in page
+    # each page names the command that makes it: this one's target, none for all's page
+    assert "snakemake results/summary_study.md --configfile config/demo.yaml" in page
+    full = (demo_run / "results" / "summary.md").read_text()
+    assert "snakemake --configfile config/demo.yaml" in full
     proc = snakemake(demo_run, "-n", "--configfile", "config/demo.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
 

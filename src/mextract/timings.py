@@ -11,7 +11,12 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
+import os
+import platform
 import re
+import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +81,49 @@ def run_window(logs: str | Path) -> dict[str, Any]:
     return {"first_start": first.isoformat(timespec="seconds"),
             "last_end": last.isoformat(timespec="seconds"),
             "span_s": round((last - first).total_seconds(), 1)}
+
+
+def machine_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The machine this runs on, in one line (torch-free): CPU model, the cores this
+    process may use, whether the CPU has bf16 instructions (CPU training runs under
+    bf16 autocast only where it has), the GPUs ``nvidia-smi`` lists, the torch
+    version. Speeds differ several-fold between CPUs, so a results page names its
+    machine."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+        if model and flags:
+            break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 0
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    parts = [f"{model}, {cores} cores",
+             "bf16 instructions: " + (", ".join(bf16) if bf16 else "none")]
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            gpus = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            gpus = ""
+        if gpus.strip():
+            parts.append("GPUs: " + ", ".join(g.strip() for g in gpus.splitlines()
+                                               if g.strip()))
+    try:
+        parts.append("torch " + importlib.metadata.version("torch"))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return "; ".join(parts)
 
 
 def _hms(seconds: float) -> str:

@@ -8,13 +8,15 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
 from mextract.io import write_text
 from mextract.runtime import logged
-from mextract.timings import run_summary
+from mextract.timings import machine_description, run_summary
 
 with logged(snakemake.log[0]):
     p = snakemake.params
     c = p.compute
-    notes = [f"Each job computed on `{c['device']}` with {c['threads']} threads "
-             f"(compute.threads); substitute seeds {list(p.seeds)}."]
+    notes = [f"* Each job computed on `{c['device']}` with {c['threads']} threads "
+             f"(compute.threads); substitute seeds {list(p.seeds)}.",
+             f"* Machine (where this page was written, the run's own unless it was resumed "
+             f"elsewhere): {machine_description()}."]
     tables = Path(snakemake.input.table).read_text()
     for extra in snakemake.input.matrix:  # the defence matrix, where the config has one
         tables = tables.rstrip() + "\n\n" + Path(extra).read_text()

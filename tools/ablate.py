@@ -121,6 +121,12 @@ def markdown(rows: list[dict[str, object]], compare: dict[int, float] | None,
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # as Snakemake does for a job: the native libraries' thread pools (OpenMP in
+    # scikit-learn's k-means, BLAS) get the job's thread count, so a variant computes
+    # exactly what the workflow's job of the same settings computes
+    for var in ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
     import pandas as pd
 
     from mextract import config as mc

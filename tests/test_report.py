@@ -10,8 +10,11 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -556,3 +559,22 @@ def test_snakemake_report_embeds_plots_table_and_captions(demo_run):
     assert f"<tt class=\"docutils literal\">{cfg['dataset']['name']}</tt>" in description
     assert f"{cfg['substitute']['train']['epochs']} epochs" in description
     assert "System Message" not in page  # no reStructuredText errors in any caption
+
+
+def test_report_modules_import_no_torch():
+    """The report jobs (tables, plots, matrix, run summary) log and write through
+    mextract.runtime and mextract.io without importing torch (~2 s per job)."""
+    code = ("import sys; import mextract.runtime, mextract.io, mextract.report, "
+            "mextract.matrix, mextract.plots, mextract.timings; "
+            "sys.exit('torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_history_csv_is_what_pandas_writes():
+    from mextract.io import rows_csv
+
+    rows = [{"epoch": 1, "loss": 0.123456789012, "test_accuracy": None, "flag": True},
+            {"epoch": 2, "loss": 1e-7, "test_accuracy": 0.5, "fidelity": 0.25}]
+    assert rows_csv(rows) == pd.DataFrame(rows).to_csv(index=False)
+    assert pd.read_csv(io.StringIO(rows_csv(rows))).shape == (2, 5)

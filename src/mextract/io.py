@@ -25,9 +25,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a tensor is read or written: JSON and text outputs (every
+# report job's) need none of it, and importing it costs ~2 s per job.
 
 
 class CorruptArtifactError(RuntimeError):
@@ -46,6 +50,8 @@ def sha256_file(path: str | Path) -> str:
 def update_with_tensors(h: Any, *tensors: torch.Tensor) -> None:
     """Feed tensors' dtypes and bytes into a hashlib object (the digest of a pool, of
     cached answers or of a model's weights that a saved query log must match)."""
+    import torch
+
     for t in tensors:
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(str(t.dtype).encode())
@@ -105,6 +111,8 @@ def save_artifact(obj: Any, path: str | Path) -> None:
     (a checkpoint is then ignored; a workflow output belongs to an incomplete job,
     which Snakemake reruns).
     """
+    import torch
+
     path = Path(path)
     _atomic_write(path, lambda f: torch.save(obj, f))
     digest = sha256_file(path)
@@ -149,6 +157,8 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu",
         verify_artifact(path)
     elif not path.exists():
         raise FileNotFoundError(f"artifact not found: '{path}'")
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
@@ -167,6 +177,21 @@ def write_json(obj: Any, path: str | Path) -> None:
 def write_text(text: str, path: str | Path) -> None:
     """Write a text file (a CSV or Markdown table) atomically."""
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows (a training history) as CSV text: one column per key, in the order keys
+    first appear, empty where a row lacks one (as ``pandas.DataFrame(rows).to_csv``
+    writes them, without importing pandas into every training job)."""
+    import csv
+    import io
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buf.getvalue()
 
 
 def read_json(path: str | Path) -> Any:

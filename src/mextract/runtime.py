@@ -19,14 +19,17 @@ import random
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mextract import defaults
-from mextract.compute import Compute, resolve_device
 from mextract.io import write_text
+
+if TYPE_CHECKING:
+    from mextract.compute import Compute
+
+# torch (and numpy) are imported inside the functions that use them: the report jobs
+# (tables, plots, run summary) log through :func:`logged` and never touch a tensor,
+# and importing torch costs each of them about 2 s of a 2-core machine.
 
 #: metrics/history/table fields that measure wall-clock time: the only fields that
 #: differ between two runs of the same config on the same machine and thread count.
@@ -44,7 +47,8 @@ def job_header() -> str:
         "start": datetime.datetime.now().isoformat(timespec="seconds"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "torch": torch.__version__,
+        # the version of a torch this job has imported (report jobs import none)
+        "torch": getattr(sys.modules.get("torch"), "__version__", None),
     }
     return "# mextract job: " + " ".join(f"{k}={v}" for k, v in fields.items()
                                          if v is not None)
@@ -56,6 +60,10 @@ def check_device(name: str) -> str:
     explicit CUDA device, so that a device that fails stops the run before Snakemake
     removes any finished output. Raises an error naming the config key; returns a line
     describing the device."""
+    import torch
+
+    from mextract.compute import resolve_device
+
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(name.partition(":")[2] or 0)
@@ -126,6 +134,8 @@ def set_deterministic(enabled: bool) -> None:
     the PyTorch reproducibility notes,
     https://pytorch.org/docs/stable/notes/randomness.html.
     """
+    import torch
+
     if not enabled:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
@@ -138,6 +148,9 @@ def set_deterministic(enabled: bool) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -150,6 +163,10 @@ def setup(compute_cfg: dict, threads: int, seed: int = 0) -> Compute:
     thread); on CUDA some kernels stay non-deterministic unless
     ``compute_cfg["deterministic"]`` is true (see docs/determinism.md).
     """
+    import torch
+
+    from mextract.compute import Compute
+
     cfg = {**defaults.of("compute"), **compute_cfg}
     torch.set_num_threads(max(1, int(threads)))
     set_deterministic(bool(cfg["deterministic"]))

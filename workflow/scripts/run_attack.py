@@ -5,11 +5,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-import pandas as pd
-
 from mextract.data import load_dataset
 from mextract.experiment import load_defence_models, load_victim, run_experiment
-from mextract.io import load_artifact, save_artifact, write_json, write_text
+from mextract.io import load_artifact, rows_csv, save_artifact, write_json, write_text
 from mextract.runtime import discard_stale_checkpoints, logged, setup
 
 with logged(snakemake.log[0], f"experiments.{snakemake.wildcards.exp}"):
@@ -54,7 +52,7 @@ with logged(snakemake.log[0], f"experiments.{snakemake.wildcards.exp}"):
     if result.query_log is not None:
         save_artifact(result.query_log, workdir / "query_log.pt")
     save_artifact(result.model.cpu().state_dict(), snakemake.output.model)
-    write_text(pd.DataFrame(result.history).to_csv(index=False), snakemake.output.history)
+    write_text(rows_csv(result.history), snakemake.output.history)
     write_json(metrics, snakemake.output.metrics)
     for ckpt in workdir.glob("checkpoint-*.pt*"):
         ckpt.unlink()

@@ -8,10 +8,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
 import time
 
-import pandas as pd
-
 from mextract.data import load_dataset
-from mextract.io import load_artifact, save_artifact, write_json, write_text
+from mextract.io import load_artifact, rows_csv, save_artifact, write_json, write_text
 from mextract.metrics import predict
 from mextract.runtime import discard_stale_checkpoints, logged, setup
 from mextract.train import TrainConfig
@@ -37,7 +35,7 @@ with logged(snakemake.log[0]):
     pred = predict(model, data["x_test"], compute)
     save_artifact(model.cpu().state_dict(), snakemake.output.model)
     save_artifact({"pred": pred}, snakemake.output.test_pred)
-    write_text(pd.DataFrame(history).to_csv(index=False), snakemake.output.history)
+    write_text(rows_csv(history), snakemake.output.history)
     write_json({
         "victim": snakemake.wildcards.victim, **v,
         "train_images": len(idx),

@@ -22,10 +22,7 @@ read them from there (the layer classes take their argument defaults from these)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import cache
 from typing import Any
-
-import yaml
 
 from mextract import defaults
 
@@ -39,10 +36,8 @@ MODEL_KINDS = {"mad": "surrogate", "adaptive_misinformation": "misinformation"}
 _KEY_PREFIX = {"mad": "mad", "adaptive_misinformation": "am"}
 
 
-@cache
 def _defence_schema() -> dict[str, Any]:
-    with open(defaults.SCHEMA) as f:
-        return yaml.safe_load(f)["$defs"]["defence"]
+    return defaults._schema()["$defs"]["defence"]
 
 
 def layer_defaults(kind: str) -> dict[str, Any]:

@@ -571,6 +571,46 @@ def test_report_modules_import_no_torch():
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 
 
+def test_quick_imports_pauses_the_collector_and_always_restores_it():
+    """mextract.runtime.quick_imports: no collection during the imports, what they
+    created frozen, the collector back on afterwards, also when an import fails."""
+    code = """
+import gc, sys
+from mextract.runtime import quick_imports
+with quick_imports():
+    assert not gc.isenabled()
+    import fractions, decimal
+assert gc.isenabled() and gc.get_freeze_count() > 0
+try:
+    with quick_imports():
+        import mextract_no_such_module
+except ImportError:
+    pass
+sys.exit(0 if gc.isenabled() else 3)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_every_workflow_script_imports_the_library_inside_quick_imports():
+    """A script that imports mextract (and so torch) outside ``with quick_imports()``
+    pays ~2 s of garbage collection per job (docs/performance.md)."""
+    import ast
+
+    for path in sorted((ROOT / "workflow" / "scripts").glob("*.py")):
+        body = ast.parse(path.read_text()).body
+        outside = [node.module for node in body if isinstance(node, ast.ImportFrom)
+                   and node.module and node.module.startswith("mextract")
+                   and [a.name for a in node.names] != ["quick_imports"]]
+        outside += [a.name for node in body if isinstance(node, ast.Import)
+                    for a in node.names if a.name not in ("sys",)]
+        wrapped = [node for node in body if isinstance(node, ast.With)
+                   and ast.unparse(node.items[0].context_expr) == "quick_imports()"]
+        assert not outside, f"{path.name} imports {outside} outside quick_imports()"
+        assert len(wrapped) == 1 and all(
+            isinstance(n, (ast.Import, ast.ImportFrom)) for n in wrapped[0].body), path.name
+
+
 def test_history_csv_is_what_pandas_writes():
     from mextract.io import rows_csv
 

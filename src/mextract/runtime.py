@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -79,6 +80,26 @@ def check_device(name: str) -> str:
     if device.type == "cuda":
         return f"{name}: {torch.cuda.get_device_name(device)}"
     return f"{name}: {device}"
+
+
+@contextlib.contextmanager
+def quick_imports() -> Iterator[None]:
+    """Import a job's modules with the cyclic garbage collector paused, then freeze them.
+
+    torch, torchvision and the library leave about 330,000 tracked objects; the
+    collector runs hundreds of times while they load, and every later full collection
+    walks them all again. Pausing it during the imports and moving what they created to
+    the permanent generation (:func:`gc.freeze`) saved 2.3 s of a 15.4 s demo attack job
+    on a 2-core AMD EPYC, with bit-identical weights (docs/performance.md). Workflow
+    scripts wrap their imports in it; nothing else changes (the collector runs again
+    afterwards, for the objects the job itself creates).
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 @contextlib.contextmanager

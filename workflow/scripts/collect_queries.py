@@ -6,11 +6,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import load_dataset
-from mextract.experiment import load_defence_models, load_victim, make_api
-from mextract.io import load_artifact, save_artifact
-from mextract.queries import collect
-from mextract.runtime import eprint, logged, setup
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import load_dataset
+    from mextract.experiment import load_defence_models, load_victim, make_api
+    from mextract.io import load_artifact, save_artifact
+    from mextract.queries import collect
+    from mextract.runtime import eprint, logged, setup
 
 with logged(snakemake.log[0], f"apis.{snakemake.wildcards.api}"):
     compute = setup(snakemake.params.compute, snakemake.threads)

@@ -7,17 +7,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import load_dataset
-from mextract.detection import benign_fpr
-from mextract.experiment import (
-    api_honest_accuracy,
-    api_input,
-    load_defence_models,
-    load_victim,
-    prada_kwargs,
-)
-from mextract.io import load_artifact, write_json
-from mextract.runtime import eprint, logged, setup
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import load_dataset
+    from mextract.detection import benign_fpr
+    from mextract.experiment import (
+        api_honest_accuracy,
+        api_input,
+        load_defence_models,
+        load_victim,
+        prada_kwargs,
+    )
+    from mextract.io import load_artifact, write_json
+    from mextract.runtime import eprint, logged, setup
 
 with logged(snakemake.log[0]):
     compute = setup(snakemake.params.compute, snakemake.threads)

@@ -7,18 +7,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-import shutil
-import time
+from mextract.runtime import quick_imports
 
-import pandas as pd
+with quick_imports():  # no garbage collection while the imports load
+    import shutil
+    import time
 
-from mextract.byo import load_byo, num_classes_of
-from mextract.data import load_dataset
-from mextract.io import (checksum_path, load_artifact, save_artifact, sha256_file, write_json,
-                         write_text)
-from mextract.metrics import predict
-from mextract.runtime import eprint, logged, setup
-from mextract.victim import victim_scores
+    import pandas as pd
+
+    from mextract.byo import load_byo, num_classes_of
+    from mextract.data import load_dataset
+    from mextract.io import (checksum_path, load_artifact, save_artifact, sha256_file, write_json,
+                             write_text)
+    from mextract.metrics import predict
+    from mextract.runtime import eprint, logged, setup
+    from mextract.victim import victim_scores
 
 with logged(snakemake.log[0], f"victims.{snakemake.wildcards.victim}"):
     t0 = time.perf_counter()

@@ -5,12 +5,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-import json
+from mextract.runtime import quick_imports
 
-from mextract import matrix
-from mextract.io import write_text
-from mextract.report import load_metrics
-from mextract.runtime import logged
+with quick_imports():  # no garbage collection while the imports load
+    import json
+
+    from mextract import matrix
+    from mextract.io import write_text
+    from mextract.report import load_metrics
+    from mextract.runtime import logged
 
 with logged(snakemake.log[0]):
     metrics = load_metrics(snakemake.input.metrics)

@@ -5,11 +5,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-import pandas as pd
+from mextract.runtime import quick_imports
 
-from mextract import plots
-from mextract.report import load_metrics, load_reference, results_table
-from mextract.runtime import logged
+with quick_imports():  # no garbage collection while the imports load
+    import pandas as pd
+
+    from mextract import plots
+    from mextract.report import load_metrics, load_reference, results_table
+    from mextract.runtime import logged
 
 with logged(snakemake.log[0]):
     reference = load_reference(snakemake.input.reference)

@@ -5,24 +5,24 @@ declares the output ``seeds_csv``, results/table_seeds.csv with one row per seed
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
+from mextract.runtime import quick_imports
 
-
-from mextract.report import (
-    load_metrics,
-    load_reference,
-    results_table,
-    seeds_table,
-    table_notes,
-    to_html,
-    to_latex,
-    to_markdown,
-    victims_table,
-)
-from mextract.io import write_text
-from mextract.runtime import logged
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.report import (
+        load_metrics,
+        load_reference,
+        results_table,
+        seeds_table,
+        table_notes,
+        to_html,
+        to_latex,
+        to_markdown,
+        victims_table,
+    )
+    from mextract.io import write_text
+    from mextract.runtime import logged
 
 with logged(snakemake.log[0]):
     reference = load_reference(snakemake.input.reference)

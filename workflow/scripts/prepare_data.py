@@ -5,8 +5,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import build_dataset, save_dataset
-from mextract.runtime import eprint, logged
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import build_dataset, save_dataset
+    from mextract.runtime import eprint, logged
 
 with logged(snakemake.log[0]):
     ds = snakemake.params.dataset

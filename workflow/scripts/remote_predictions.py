@@ -6,11 +6,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import load_dataset
-from mextract.experiment import make_api
-from mextract.io import save_artifact, write_json
-from mextract.metrics import agreement
-from mextract.runtime import eprint, logged, setup
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import load_dataset
+    from mextract.experiment import make_api
+    from mextract.io import save_artifact, write_json
+    from mextract.metrics import agreement
+    from mextract.runtime import eprint, logged, setup
 
 with logged(snakemake.log[0]):
     compute = setup(snakemake.params.compute, 1)

@@ -5,10 +5,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import load_dataset
-from mextract.experiment import load_defence_models, load_victim, run_experiment
-from mextract.io import load_artifact, rows_csv, save_artifact, write_json, write_text
-from mextract.runtime import discard_stale_checkpoints, logged, setup
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import load_dataset
+    from mextract.experiment import load_defence_models, load_victim, run_experiment
+    from mextract.io import load_artifact, rows_csv, save_artifact, write_json, write_text
+    from mextract.runtime import discard_stale_checkpoints, logged, setup
 
 with logged(snakemake.log[0], f"experiments.{snakemake.wildcards.exp}"):
     s = snakemake.params.settings

@@ -5,9 +5,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import load_dataset, make_split
-from mextract.io import save_artifact, write_json
-from mextract.runtime import logged
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import load_dataset, make_split
+    from mextract.io import save_artifact, write_json
+    from mextract.runtime import logged
 
 with logged(snakemake.log[0]):
     data = load_dataset(snakemake.input.data)

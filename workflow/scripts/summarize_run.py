@@ -6,9 +6,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.io import write_text
-from mextract.runtime import logged
-from mextract.timings import machine_description, run_summary
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.io import write_text
+    from mextract.runtime import logged
+    from mextract.timings import machine_description, run_summary
 
 with logged(snakemake.log[0]):
     p = snakemake.params

@@ -6,11 +6,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-from mextract.data import load_dataset
-from mextract.defence_models import save_defence_model, train_defence_model
-from mextract.experiment import load_victim
-from mextract.io import load_artifact
-from mextract.runtime import logged, setup
+from mextract.runtime import quick_imports
+
+with quick_imports():  # no garbage collection while the imports load
+    from mextract.data import load_dataset
+    from mextract.defence_models import save_defence_model, train_defence_model
+    from mextract.experiment import load_victim
+    from mextract.io import load_artifact
+    from mextract.runtime import logged, setup
 
 with logged(snakemake.log[0]):
     compute = setup(snakemake.params.compute, snakemake.threads, snakemake.params.seed)

@@ -6,14 +6,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
-import time
+from mextract.runtime import quick_imports
 
-from mextract.data import load_dataset
-from mextract.io import load_artifact, rows_csv, save_artifact, write_json, write_text
-from mextract.metrics import predict
-from mextract.runtime import discard_stale_checkpoints, logged, setup
-from mextract.train import TrainConfig
-from mextract.victim import train_victim, victim_scores
+with quick_imports():  # no garbage collection while the imports load
+    import time
+
+    from mextract.data import load_dataset
+    from mextract.io import load_artifact, rows_csv, save_artifact, write_json, write_text
+    from mextract.metrics import predict
+    from mextract.runtime import discard_stale_checkpoints, logged, setup
+    from mextract.train import TrainConfig
+    from mextract.victim import train_victim, victim_scores
 
 with logged(snakemake.log[0]):
     t0 = time.perf_counter()

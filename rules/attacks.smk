@@ -24,3 +24,32 @@ rule run_attack:
         code=attack_code,
     script:
         "../workflow/scripts/run_attack.py"
+
+
+# An experiment whose jobs would compute exactly what an earlier one's do (the study's
+# per-stage controls; two equal-budget random baselines of one API): its results are
+# that experiment's, copied and relabelled, not trained again.
+ruleorder: reuse_attack > run_attack
+
+
+rule reuse_attack:
+    input:
+        unpack(twin_files),
+    output:
+        model=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/metrics.json",
+        history=f"{RESULTS}/experiments/{{exp}}/seed{{seed}}/history.csv",
+    log:
+        f"{RESULTS}/logs/reuse_attack/{{exp}}-seed{{seed}}.log",
+    wildcard_constraints:
+        exp=TWIN_NAMES,
+        seed=r"\d+",
+    localrule: True
+    conda:
+        ENV
+    params:
+        twin=lambda wc: TWINS[wc.exp],
+        labels=lambda wc: mc.experiment_labels(config, wc.exp),
+        code=fingerprint("io"),
+    script:
+        "../workflow/scripts/reuse_attack.py"

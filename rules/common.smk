@@ -3,6 +3,7 @@ run's config (src/mextract/config.py holds the logic and is tested on its own)."
 
 import copy
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -67,6 +68,20 @@ def attack_code(wc):
     """The experiment runner, the strategy's module and all they import."""
     strategy = config["experiments"][wc.exp]["strategy"]
     return fingerprint("experiment", f"attacks/{mc.registry.get(strategy).source.stem}")
+
+
+# experiments whose jobs compute what an earlier experiment's do (mc.twins): rule
+# reuse_attack copies that one's results instead of training the same model again
+TWINS = mc.twins(config)
+TWIN_NAMES = "|".join(re.escape(name) for name in TWINS) or "(?!x)x"
+
+
+def twin_files(wc):
+    twin = TWINS[wc.exp]
+    return {
+        name: f"{mc.experiment_dir(twin, wc.seed)}/{name}.{ext}"
+        for name, ext in (("model", "pt"), ("metrics", "json"), ("history", "csv"))
+    }
 
 
 def queries_code(wc):

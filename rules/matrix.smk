@@ -20,6 +20,9 @@ rule train_defence_model:
         f"{RESULTS}/logs/train_defence_model/{{victim}}-{{key}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_defence_model/{{victim}}-{{key}}.tsv"
+    # first among the ready jobs: the attacks that wait for it can then fill every
+    # core, instead of one of them running alone at the end
+    priority: 1
     conda:
         ENV
     threads: config["compute"]["threads"]

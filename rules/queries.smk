@@ -16,6 +16,9 @@ rule collect_queries:
         f"{RESULTS}/benchmarks/collect_queries/{{api}}-{{qset}}.tsv"
     wildcard_constraints:
         qset=r"[^/]+(?<!\.watermark)",
+    # first among the ready jobs: the attacks that wait for it can then fill every
+    # core, instead of one of them running alone at the end
+    priority: 1
     conda:
         ENV
     threads: config["compute"]["threads"]

@@ -174,6 +174,30 @@ def test_random_baseline_beside_every_adaptive_strategy():
         DEMO["experiments"])
 
 
+def test_experiments_that_compute_the_same_run_once():
+    """Two experiments whose jobs would compute the same (every setting but the name,
+    stage and baseline links, the same inputs and victims) are twins: the later one
+    copies the earlier one's results (rule reuse_attack) instead of training again."""
+    cfg = mc.prepare(DEMO)
+    # the per-stage controls of one victim, and the demo's two 300-query soft baselines
+    assert mc.twins(cfg) == {"control-s2": "control-s1", "spsg-random": "marich-random"}
+    labels = mc.experiment_labels(cfg, "spsg-random")
+    assert labels == {"experiment": "spsg-random", "stage": 1, "baseline": None,
+                      "baseline_of": "spsg"}
+    # anything a job computes with makes them two experiments again
+    for change in ({"train": {"epochs": 3}}, {"params": {"budget": 301}},
+                   {"seeds": [1]}):
+        raw = copy.deepcopy(DEMO)
+        name = "control-s2" if "budget" not in change.get("params", {}) else "spsg"
+        raw["experiments"][name].update(change)
+        twins = mc.twins(mc.prepare(raw))
+        changed = name if name.startswith("control") else "spsg-random"
+        assert changed not in twins, (change, twins)
+    # a control checked against another victim (control-s3: the watermarked one) is not
+    # a twin: its fidelity is measured against that victim
+    assert "control-s3" not in mc.twins(cfg)
+
+
 def test_config_key_order_does_not_change_settings():
     shuffled = copy.deepcopy(DEMO)
     shuffled["split"] = dict(reversed(list(shuffled["split"].items())))

@@ -24,13 +24,13 @@ def test_demo_table_has_kd_and_basic_where_the_demo_puts_them(demo_run):
     table = pd.read_csv(demo_run / "results" / "table.csv")
     assert (demo_run / "results" / "table.md").exists()
     rows = table.set_index("experiment")
-    # measured (2026-12-07, 2-core CPU, one thread per job, substitutes 12 epochs at
-    # batch 128): kd 88.61% test accuracy / 89.44% fidelity / 47.06% on the victim's
-    # errors, basic 88.06% / 87.50% / 38.24%, their controls 5.88% on the victim's
-    # errors (digits: 360 test images, 34 victim errors); at batch 64 (2026-12-01) kd
-    # 88.89 / 89.44 / 44.12, basic 89.72 / 90.56 / 47.06, controls 11.76. Thresholds
-    # a few test images under the lower of the two
-    floors = {"kd": (0.85, 0.86, 0.40), "basic": (0.86, 0.83, 0.20)}
+    # measured (2026-12-07 evening, 2-core AMD EPYC, one thread per job, substitutes 8
+    # epochs at batch 128): kd 84.72% test accuracy / 86.39% fidelity / 50.00% on the
+    # victim's errors, basic 85.28% / 85.56% / 44.12%, their control 20.59% on the
+    # victim's errors (digits: 360 test images, 34 victim errors); with 12 epochs
+    # (earlier that day) kd 88.61 / 89.44 / 47.06, basic 88.06 / 87.50 / 38.24, control
+    # 5.88. Thresholds a few test images under the lower of the two
+    floors = {"kd": (0.83, 0.85, 0.40), "basic": (0.84, 0.84, 0.30)}
     for exp, (acc, fid, on_errors) in floors.items():
         row = rows.loc[exp]
         assert row["test_accuracy"] > acc, row
@@ -47,6 +47,32 @@ def test_the_run_writes_nothing_outside_results(demo_run):
     before, after = DEMO_FILES["before"], DEMO_FILES["after"]
     assert sorted(set(after) - set(before)) == []
     assert [f for f in before if after.get(f) != before[f]] == []
+
+
+def test_a_twin_experiment_gets_its_twins_results_relabelled(demo_run):
+    """The demo's control-s2 computes what control-s1 does (mextract.config.twins): its
+    files are control-s1's, copied by reuse_attack, its metrics relabelled."""
+    from mextract.io import read_json, verify_artifact
+
+    exps = demo_run / "results" / "experiments"
+    first, twin = exps / "control-s1" / "seed0", exps / "control-s2" / "seed0"
+    assert verify_artifact(twin / "model.pt") == verify_artifact(first / "model.pt")
+    assert (twin / "history.csv").read_text() == (first / "history.csv").read_text()
+    a, b = read_json(first / "metrics.json"), read_json(twin / "metrics.json")
+    assert (b["experiment"], b["stage"], b["same_as"]) == ("control-s2", 2, "control-s1")
+    labels = {"experiment", "stage", "same_as"}
+    assert {k: v for k, v in b.items() if k not in labels} == {
+        k: v for k, v in a.items() if k not in labels}
+    assert (demo_run / "results" / "logs" / "reuse_attack" / "control-s2-seed0.log").exists()
+    # once control-s1 computes something else, control-s2 is trained on its own
+    cfg = yaml.safe_load((demo_run / "config" / "demo.yaml").read_text())
+    cfg["experiments"]["control-s1"]["train"] = {"epochs": 2}
+    (demo_run / "untwinned.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(demo_run, "-n", "--configfile", "untwinned.yaml")
+    (demo_run / "untwinned.yaml").unlink()
+    assert scheduled_jobs(proc).get("run_attack") == 2, proc.stdout[-3000:]
+    assert all(f"wildcards: exp={e}, seed=0" in proc.stdout
+               for e in ("control-s1", "control-s2")), proc.stdout[-3000:]
 
 
 def test_nothing_to_do_after_a_run(demo_run):

@@ -838,6 +838,48 @@ def attack_settings(cfg: Mapping[str, Any], exp: str, seed: int) -> dict[str, An
     return settings
 
 
+#: settings that only name an (experiment, seed) result: they go into its metrics but
+#: change nothing that its job computes
+LABEL_SETTINGS = ("name", "stage", "baseline", "baseline_of")
+
+
+def _job_key(cfg: Mapping[str, Any], exp: str) -> str:
+    """What an experiment's jobs compute, without their names: every setting but
+    :data:`LABEL_SETTINGS`, per seed, plus the job's input files and victims."""
+    import json
+
+    per_seed = []
+    for seed in seeds_of(cfg, exp):
+        settings = attack_settings(cfg, exp, seed)
+        per_seed.append({k: v for k, v in settings.items() if k not in LABEL_SETTINGS})
+    return json.dumps([per_seed, attack_inputs(cfg, exp), attack_victims(cfg, exp)],
+                      sort_keys=True, default=str)
+
+
+def twins(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{experiment: earlier experiment}`` for each experiment whose jobs would compute
+    exactly what an earlier one's compute (e.g. the study's per-stage controls, or two
+    equal-budget random baselines of one API): the workflow runs the first and copies
+    its results under the other name (rule ``reuse_attack``), relabelled."""
+    first: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for exp in cfg["experiments"]:
+        key = _job_key(cfg, exp)
+        if key in first:
+            out[exp] = first[key]
+        else:
+            first[key] = exp
+    return out
+
+
+def experiment_labels(cfg: Mapping[str, Any], exp: str) -> dict[str, Any]:
+    """An experiment's :data:`LABEL_SETTINGS` as its metrics name them."""
+    settings = attack_settings(cfg, exp, seeds_of(cfg, exp)[0])
+    labels = {k: settings[k] for k in LABEL_SETTINGS}
+    labels["experiment"] = labels.pop("name")
+    return labels
+
+
 def api_settings(cfg: Mapping[str, Any], api: str) -> dict[str, Any]:
     return {**cfg["apis"][api], "name": api}
 

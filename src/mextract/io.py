@@ -119,6 +119,15 @@ def save_artifact(obj: Any, path: str | Path) -> None:
     _atomic_write(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
 
 
+def copy_artifact(src: str | Path, dst: str | Path) -> None:
+    """Copy an artifact and its checksum sidecar (verified first), atomically."""
+    src, dst = Path(src), Path(dst)
+    digest = verify_artifact(src)
+    data = src.read_bytes()
+    _atomic_write(dst, lambda f: f.write(data))
+    _atomic_write(checksum_path(dst), lambda f: f.write(f"{digest}  {dst.name}\n".encode()))
+
+
 def verify_artifact(path: str | Path) -> str:
     """Check ``path`` against its sidecar; return the digest or raise
     :class:`CorruptArtifactError` (missing sidecar, mismatch) naming the file."""

@@ -24,6 +24,7 @@ tie the validation to a Snakemake run. The library validates with the same
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -846,8 +847,6 @@ LABEL_SETTINGS = ("name", "stage", "baseline", "baseline_of")
 def _job_key(cfg: Mapping[str, Any], exp: str) -> str:
     """What an experiment's jobs compute, without their names: every setting but
     :data:`LABEL_SETTINGS`, per seed, plus the job's input files and victims."""
-    import json
-
     per_seed = []
     for seed in seeds_of(cfg, exp):
         settings = attack_settings(cfg, exp, seed)

@@ -115,7 +115,11 @@ def save_artifact(obj: Any, path: str | Path) -> None:
 
     path = Path(path)
     _atomic_write(path, lambda f: torch.save(obj, f))
-    digest = sha256_file(path)
+    _write_checksum(path, sha256_file(path))
+
+
+def _write_checksum(path: Path, digest: str) -> None:
+    """The ``sha256sum``-format sidecar of ``path`` (:func:`checksum_path`)."""
     _atomic_write(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
 
 
@@ -125,7 +129,7 @@ def copy_artifact(src: str | Path, dst: str | Path) -> None:
     digest = verify_artifact(src)
     data = src.read_bytes()
     _atomic_write(dst, lambda f: f.write(data))
-    _atomic_write(checksum_path(dst), lambda f: f.write(f"{digest}  {dst.name}\n".encode()))
+    _write_checksum(dst, digest)
 
 
 def verify_artifact(path: str | Path) -> str:
